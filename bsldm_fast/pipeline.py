@@ -1,0 +1,115 @@
+"""The tensor pipeline: CXR images in [-1, 1] -> soft-tissue images in [-1, 1].
+
+encode the CXR once -> sample the soft-tissue latent conditioned on it -> decode. It knows tensors
+only; files and intensity mapping live in `io` and `suppressor`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .config import ModelConfig
+from .diffusion import Schedule, sample, spaced_timesteps
+from .diffusion.noise import StepNoise, initial_latent
+from .models import VQGAN, UNet
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEFAULT_STEPS = {"ddpm": 1000, "ddim": 20, "dpmpp": 20}
+
+
+class LatentDenoiser:
+    """(U, t) -> eps of the soft-tissue channels: hides the U-Net's layout, dtype and conditioning.
+
+    With `condition_scaling="original"` the CXR latent is scaled by sqrt(alpha_bar_t), as the
+    original training noised it.
+    """
+
+    def __init__(self, unet: UNet, config: ModelConfig, schedule: Schedule, dtype: torch.dtype,
+                 channels_last: bool = False):
+        self.unet = unet
+        self.channels = config.diffusion.latent_channels
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.cond_scale: torch.Tensor | None = None
+        if config.diffusion.condition_scaling == "original":
+            self.cond_scale = schedule.alphas_cumprod.sqrt().float()
+
+    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.cond_scale is not None:
+            scale = self.cond_scale.to(u.device)[t].view(-1, 1, 1, 1)
+            u = torch.cat([u[:, : self.channels], u[:, self.channels :] * scale], dim=1)
+        u = u.to(self.dtype)
+        if self.channels_last:
+            u = u.contiguous(memory_format=torch.channels_last)
+        return self.unet(u, t)[:, : self.channels].float()
+
+
+class Pipeline:
+    """A loaded model on one device and precision, ready to sample."""
+
+    def __init__(self, config: ModelConfig, vqgan: VQGAN, unet: UNet,
+                 device: torch.device | str = "cpu", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        self.config = config
+        self.device = torch.device(device)
+        self.precision = precision
+        dtype = PRECISIONS[precision]
+        # Reduced precision on the CPU pays off only in channels-last layout (oneDNN's bf16 path).
+        channels_last = dtype != torch.float32 and self.device.type == "cpu"
+        self.vqgan = vqgan.to(self.device).eval()
+        self.unet = unet.to(self.device, dtype).eval()
+        if channels_last:
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+        self.schedule = Schedule.from_config(config.diffusion)
+        self.denoiser = LatentDenoiser(self.unet, config, self.schedule, dtype, channels_last)
+
+    @torch.inference_mode()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """CXR images [B, 1, S, S] in [-1, 1] -> quantised latents [B, 4, S/8, S/8]."""
+        return self.vqgan.encode_latent(images.to(self.device, torch.float32))
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vqgan.decode(latents)
+
+    @torch.inference_mode()
+    def sample_latents(self, cond: torch.Tensor, seeds: Sequence[int], sampler: str = "dpmpp",
+                       steps: int | None = None, offset_noise: bool = False,
+                       progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Soft-tissue latents for CXR latents `cond`, one seed per sample."""
+        if len(seeds) != cond.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for a batch of {cond.shape[0]}")
+        steps = DEFAULT_STEPS.get(sampler, 20) if steps is None else steps
+        timesteps = spaced_timesteps(self.schedule.num_timesteps, steps)
+        shape = tuple(cond.shape[1:])
+        coefficient = self.config.diffusion.offset_noise_coefficient if offset_noise else 0.0
+        x = initial_latent(seeds, shape, coefficient, self.device)
+        noise = StepNoise(seeds, shape, self.device)
+        return sample(sampler, self.denoiser, x, cond, self.schedule, timesteps, noise, progress)
+
+    def run(self, images: torch.Tensor, seeds: Sequence[int], sampler: str = "dpmpp",
+            steps: int | None = None, offset_noise: bool = False,
+            progress: Callable[[int], None] | None = None) -> torch.Tensor:
+        """CXR images [B, 1, S, S] in [-1, 1] -> soft-tissue images [B, 1, S, S] (unclamped)."""
+        size = self.config.image_size
+        if images.dim() != 4 or images.shape[1] != 1 or tuple(images.shape[2:]) != (size, size):
+            raise ValueError(f"expected images of shape [B, 1, {size}, {size}], got {tuple(images.shape)}")
+        cond = self.encode(images)
+        latents = self.sample_latents(cond, seeds, sampler, steps, offset_noise, progress)
+        return self.decode(latents)
+
+
+def unet_flops(config: ModelConfig, batch: int = 1) -> int:
+    """Forward FLOPs of one U-Net evaluation, counted by torch's FlopCounterMode on a meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet(config.unet)
+        x = torch.empty(batch, config.unet.in_channels, config.latent_size, config.latent_size)
+        t = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t)
+    return int(counter.get_total_flops())

@@ -1,0 +1,155 @@
+"""`Suppressor`: the Python API. NumPy radiographs in, soft-tissue radiographs out.
+
+Intensity mapping (the original's `ToTensor` + `Normalize(0.5, 0.5)`, generalised):
+- uint8 and uint16 use their full range: x / 255 or x / 65535, then 2x - 1;
+- float images are mapped from their own [min, max] and back, so any calibrated scale survives.
+The image is resized to the model's resolution (bilinear) and the result back to the input's size.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import modeldir
+from .diffusion import SAMPLERS
+from .pipeline import DEFAULT_STEPS, PRECISIONS, Pipeline
+
+logger = logging.getLogger(__name__)
+
+ImageInput = Union[np.ndarray, Sequence[np.ndarray]]
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """'auto' -> CUDA when available, else the CPU; anything else is checked to exist."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
+    return device
+
+
+def to_unit(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
+    """An image as float32 in [0, 1], and the (low, high) range that maps it back."""
+    if image.dtype == np.uint8:
+        return image.astype(np.float32) / 255.0, (0.0, 255.0)
+    if image.dtype == np.uint16:
+        return image.astype(np.float32) / 65535.0, (0.0, 65535.0)
+    if np.issubdtype(image.dtype, np.floating):
+        if not np.isfinite(image).all():
+            raise ValueError("image contains NaN or infinite values")
+        low, high = float(image.min()), float(image.max())
+        span = high - low if high > low else 1.0
+        return ((image - low) / span).astype(np.float32), (low, low + span)
+    raise TypeError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float")
+
+
+def from_unit(unit: np.ndarray, value_range: tuple[float, float], dtype: np.dtype) -> np.ndarray:
+    """Inverse of `to_unit`: clip to [0, 1], scale back, round for integer types."""
+    low, high = value_range
+    values = np.clip(unit, 0.0, 1.0) * (high - low) + low
+    if np.issubdtype(dtype, np.integer):
+        return np.rint(values).astype(dtype)
+    return values.astype(dtype)
+
+
+def _resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(batch.shape[-2:]) == size:
+        return batch
+    shrinking = size[0] < batch.shape[-2] or size[1] < batch.shape[-1]
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+class Suppressor:
+    """Bone suppression of chest radiographs with a BS-LDM model.
+
+    >>> s = Suppressor.from_pretrained("path/to/model")      # doctest: +SKIP
+    >>> soft = s(cxr)            # 2-D uint8/uint16/float array -> same shape and dtype
+    """
+
+    def __init__(self, model: modeldir.Model, device: str | torch.device = "auto",
+                 sampler: str = "dpmpp", steps: int | None = None, seed: int = 0,
+                 precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False):
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        self.model = model
+        self.config = model.config
+        self.sampler = sampler
+        self.steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
+        if not 1 <= self.steps <= self.config.diffusion.num_train_timesteps:
+            raise ValueError(
+                f"steps must be in [1, {self.config.diffusion.num_train_timesteps}], got {self.steps}"
+            )
+        self.seed = int(seed)
+        self.batch_size = batch_size
+        self.offset_noise = offset_noise
+        self.pipeline = Pipeline(model.config, model.vqgan, model.unet, resolve_device(device), precision)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
+                        sampler: str = "dpmpp", steps: int | None = None, seed: int = 0,
+                        precision: str = "fp32", batch_size: int = 4,
+                        offset_noise: bool = False) -> "Suppressor":
+        """Load a model directory (or 'random:<config>', an untrained model for demos)."""
+        return cls(modeldir.resolve(model_dir), device, sampler, steps, seed, precision,
+                   batch_size, offset_noise)
+
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.device
+
+    def __call__(self, images: ImageInput, progress=None) -> ImageInput:
+        """Soft-tissue image(s) for 2-D array(s): a 2-D array, a list of them, or an [N, H, W] stack.
+
+        The result has the input's container, shapes and dtypes. Every image gets `seed`, so its
+        result does not depend on what else is in the batch.
+        """
+        if isinstance(images, np.ndarray):
+            if images.ndim == 2:
+                return self._run([images], progress)[0]
+            if images.ndim == 3:
+                return np.stack(self._run(list(images), progress))
+            raise ValueError(f"expected a 2-D image or an [N, H, W] stack, got shape {images.shape}")
+        images = list(images)
+        for i, image in enumerate(images):
+            if not isinstance(image, np.ndarray) or image.ndim != 2:
+                raise ValueError(f"image {i}: expected a 2-D numpy array")
+        return self._run(images, progress)
+
+    def _run(self, images: list[np.ndarray], progress=None) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            out.extend(self._run_batch(images[start : start + self.batch_size]))
+            if progress is not None:
+                progress(len(out))
+        return out
+
+    def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        size = (self.config.image_size, self.config.image_size)
+        units, ranges, inputs = [], [], []
+        for image in images:
+            if min(image.shape) < 2:
+                raise ValueError(f"image of shape {image.shape} is too small")
+            unit, value_range = to_unit(image)
+            ranges.append(value_range)
+            units.append(unit)
+            inputs.append(_resize(torch.from_numpy(unit)[None, None], size))
+        batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
+        soft = self.pipeline.run(batch, [self.seed] * len(images), self.sampler, self.steps,
+                                 self.offset_noise)
+        soft = ((soft.float() + 1.0) / 2.0).cpu()
+        return [
+            from_unit(_resize(s[None], tuple(u.shape))[0, 0].numpy(), r, im.dtype)
+            for s, u, r, im in zip(soft, units, ranges, images)
+        ]
