@@ -31,7 +31,9 @@ class GroupNorm32(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
-            return super().forward(x.float()).type(x.dtype)
+            weight = None if self.weight is None else self.weight.float()
+            bias = None if self.bias is None else self.bias.float()
+            return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).type(x.dtype)
         return super().forward(x)
 
 
@@ -253,8 +255,8 @@ class UNet(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels))
-        emb = emb.to(x.dtype)
+        emb = timestep_embedding(timesteps, self.config.model_channels)
+        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype)).to(x.dtype)
         skips = []
         h = x
         for module in self.input_blocks:
