@@ -49,6 +49,9 @@ def _add_suppress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                    help="U-Net precision (default fp32)")
+    p.add_argument("--offset-noise", action="store_true",
+                   help="start from offset noise (eps + 0.1 eps_c, as in training) instead of plain "
+                        "Gaussian noise, as the original sampler does")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
     p.set_defaults(func=_suppress)
 
@@ -70,7 +73,7 @@ def _suppress(args: argparse.Namespace) -> int:
     try:
         suppressor = Suppressor.from_pretrained(
             args.model, device=args.device, sampler=args.sampler, steps=args.steps, seed=args.seed,
-            precision=args.precision,
+            precision=args.precision, offset_noise=args.offset_noise,
         )
     except (ModelDirError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
