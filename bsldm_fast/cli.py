@@ -78,10 +78,10 @@ def _suppress(args: argparse.Namespace) -> int:
     except (ModelDirError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if suppressor.model.is_random:
+    if suppressor.is_random:
         print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model), file=sys.stderr)
     print(
-        f"model {suppressor.model.source} ({suppressor.config.name}, {suppressor.config.image_size} px), "
+        f"model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} px), "
         f"{suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, {args.precision}",
         file=sys.stderr,
     )

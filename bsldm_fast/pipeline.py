@@ -6,6 +6,7 @@ only; files and intensity mapping live in `io` and `suppressor`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 
 import torch
@@ -46,6 +47,15 @@ class LatentDenoiser:
         return self.unet(u, t)[:, : self.channels].float()
 
 
+def _on(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The module on `device` in `dtype`, in eval mode; a copy when that needs a conversion, so the
+    caller's model is never changed behind its back."""
+    param = next(module.parameters())
+    if param.device != device or param.dtype != dtype:
+        module = copy.deepcopy(module).to(device, dtype)
+    return module.eval()
+
+
 class Pipeline:
     """A loaded model on one device and precision, ready to sample."""
 
@@ -59,8 +69,8 @@ class Pipeline:
         dtype = PRECISIONS[precision]
         # Reduced precision on the CPU pays off only in channels-last layout (oneDNN's bf16 path).
         channels_last = dtype != torch.float32 and self.device.type == "cpu"
-        self.vqgan = vqgan.to(self.device).eval()
-        self.unet = unet.to(self.device, dtype).eval()
+        self.vqgan = _on(vqgan, self.device, torch.float32)
+        self.unet = _on(unet, self.device, dtype)
         if channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
         self.schedule = Schedule.from_config(config.diffusion)

@@ -83,8 +83,10 @@ class Suppressor:
             raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.model = model
         self.config = model.config
+        self.source = model.source
+        """Where the model came from: its directory, or 'random:<config>' for an untrained one."""
+        self.is_random = model.is_random
         self.sampler = sampler
         self.steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
         if not 1 <= self.steps <= self.config.diffusion.num_train_timesteps:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from bsldm_fast import Suppressor
 
@@ -100,3 +101,10 @@ def test_bf16_is_close_to_fp32(tiny_model):
     bf16 = Suppressor(tiny_model, device="cpu", steps=3, precision="bf16")(image)
     # bf16 keeps 8 mantissa bits; through a random network the results agree to a few percent.
     assert np.abs(bf16 - fp32).mean() < 0.05 * np.ptp(image)
+
+
+def test_the_callers_model_is_left_unchanged(tiny_model):
+    before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
+    Suppressor(tiny_model, device="cpu", precision="bf16")
+    after = tiny_model.unet.state_dict()
+    assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
