@@ -18,12 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import Row, matmul_peak, measure, write_results  # noqa: E402
+from timing import Row, matmul_peak, measure, unet_flops, write_results  # noqa: E402
 
 from bsldm_fast import Suppressor  # noqa: E402
 from bsldm_fast.config import preset  # noqa: E402
 from bsldm_fast.modeldir import random_model  # noqa: E402
-from bsldm_fast.pipeline import unet_flops  # noqa: E402
 
 
 def unet_rows(name: str, repeats: int) -> list[Row]:
@@ -48,6 +47,7 @@ def suppressor_rows(name: str, baseline_steps: int) -> list[Row]:
     config = preset(name)
     model = random_model(config)
     image = (np.random.default_rng(0).random((1024, 1024)) * 255).astype(np.uint8)
+    flops_per_step = unet_flops(config)
     rows = []
     for sampler, steps, precision in (("ddpm", baseline_steps, "fp32"), ("dpmpp", 20, "fp32"),
                                       ("dpmpp", 20, "bf16")):
@@ -55,7 +55,7 @@ def suppressor_rows(name: str, baseline_steps: int) -> list[Row]:
         repeats = 1 if steps > 100 else 3
         timing = measure(lambda: s(image), 1 if repeats > 1 else 0, repeats)
         rows.append(Row("end-to-end", "torch-eager", precision, 1, config.image_size, sampler, steps,
-                        timing, flops=unet_flops(config) * steps))
+                        timing, flops=flops_per_step * steps))
     return rows
 
 

@@ -9,10 +9,13 @@ import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from bsldm_fast.config import ModelConfig
+from bsldm_fast.models import UNet
 
 
 @dataclass
@@ -52,6 +55,19 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), repea
     return best
 
 
+def unet_flops(config: ModelConfig, batch: int = 1) -> int:
+    """Forward FLOPs of one U-Net evaluation, counted by torch's FlopCounterMode on a meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        unet = UNet(config.unet)
+        x = torch.empty(batch, config.unet.in_channels, config.latent_size, config.latent_size)
+        t = torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        unet(x, t)
+    return int(counter.get_total_flops())
+
+
 @dataclass
 class Row:
     stage: str
@@ -63,7 +79,6 @@ class Row:
     steps: int = 0
     timing: Timing | None = None
     flops: float = 0.0
-    extra: dict = field(default_factory=dict)
 
     @property
     def rate(self) -> float:

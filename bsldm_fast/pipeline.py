@@ -39,7 +39,9 @@ class LatentDenoiser:
 
     def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if self.cond_scale is not None:
-            scale = self.cond_scale.to(u.device)[t].view(-1, 1, 1, 1)
+            if self.cond_scale.device != u.device:
+                self.cond_scale = self.cond_scale.to(u.device)
+            scale = self.cond_scale[t].view(-1, 1, 1, 1)
             u = torch.cat([u[:, : self.channels], u[:, self.channels :] * scale], dim=1)
         u = u.to(self.dtype)
         if self.channels_last:
@@ -111,15 +113,3 @@ class Pipeline:
         latents = self.sample_latents(cond, seeds, sampler, steps, offset_noise, progress)
         return self.decode(latents)
 
-
-def unet_flops(config: ModelConfig, batch: int = 1) -> int:
-    """Forward FLOPs of one U-Net evaluation, counted by torch's FlopCounterMode on a meta device."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with torch.device("meta"):
-        unet = UNet(config.unet)
-        x = torch.empty(batch, config.unet.in_channels, config.latent_size, config.latent_size)
-        t = torch.zeros(batch, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        unet(x, t)
-    return int(counter.get_total_flops())

@@ -139,19 +139,18 @@ class Suppressor:
 
     def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         size = (self.config.image_size, self.config.image_size)
-        units, ranges, inputs = [], [], []
+        ranges, inputs = [], []
         for image in images:
             if min(image.shape) < 2:
                 raise ValueError(f"image of shape {image.shape} is too small")
             unit, value_range = to_unit(image)
             ranges.append(value_range)
-            units.append(unit)
             inputs.append(_resize(torch.from_numpy(unit)[None, None], size))
         batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
         soft = self.pipeline.run(batch, [self.seed] * len(images), self.sampler, self.steps,
                                  self.offset_noise)
         soft = ((soft.float() + 1.0) / 2.0).cpu()
         return [
-            from_unit(_resize(s[None], tuple(u.shape))[0, 0].numpy(), r, im.dtype)
-            for s, u, r, im in zip(soft, units, ranges, images)
+            from_unit(_resize(s[None], image.shape)[0, 0].numpy(), r, image.dtype)
+            for s, r, image in zip(soft, ranges, images)
         ]

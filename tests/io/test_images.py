@@ -49,7 +49,6 @@ def test_sixteen_bit_jpeg_is_refused(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     def boom(self, fp, format=None, **kw):
-        Image.Image.__dict__  # keep signature
         with open(fp, "wb") as handle:
             handle.write(b"partial")
         raise OSError("disk full")
