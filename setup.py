@@ -91,8 +91,20 @@ setup(
     packages=find_packages(include=["bsldm_fast", "bsldm_fast.*"]),
     package_data=package_data,
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis"]},
+    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm", "pydicom>=2.4"],
+    extras_require={
+        "train": ["pyyaml"],
+        "onnx": ["onnx", "onnxruntime"],
+        "bench": ["matplotlib", "pytest-benchmark"],
+        # The reference implementations the equivalence tests compare against, and the Triton
+        # interpreter that runs the GPU kernels on the CPU. monai-generative pins an old monai, so
+        # scripts/test.sh installs monai + monai-generative separately with --no-deps.
+        "test": [
+            "pytest", "pytest-benchmark", "hypothesis", "pyyaml", "tifffile", "scikit-image",
+            "onnx", "onnxruntime", "diffusers", "guided-diffusion-sdk", "matplotlib",
+            "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
+    },
     entry_points={"console_scripts": ["bsldm-fast = bsldm_fast.cli:main"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -5,6 +5,10 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/install.sh" test
 cd "$root"
+# monai-generative (the original VQGAN) pins an old monai; 1.4.0 runs it, so both skip dependency
+# resolution. Both are test-only references.
+.venv/bin/python -c "import generative, monai" 2>/dev/null ||
+  .venv/bin/python -m pip install -q --no-deps "monai==1.4.0" "monai-generative==0.2.3"
 
 echo "== C++ unit tests (ctest)" >&2
 cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release > /dev/null

@@ -1,4 +1,4 @@
-"""`bsldm-fast`: the command line. It parses arguments and calls the library; no logic lives here."""
+"""`bsldm-fast suppress`: write a soft-tissue image for every input radiograph."""
 
 from __future__ import annotations
 
@@ -10,12 +10,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import __version__
-from .diffusion import SAMPLERS
-from .io import ImageError, find_images, read_image, write_image
-from .pipeline import DEFAULT_STEPS, PRECISIONS
+from ..diffusion import SAMPLERS
+from ..io import ImageError, find_images, read_image, write_image
+from ..pipeline import DEFAULT_STEPS, PRECISIONS
 
-logger = logging.getLogger("bsldm_fast.cli")
+logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "random:tiny"
 
@@ -26,7 +25,7 @@ RANDOM_MODEL_WARNING = (
 )
 
 
-def _add_suppress(sub: argparse._SubParsersAction) -> None:
+def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "suppress",
         help="bone-suppress chest X-rays (PNG/JPEG, 8/16-bit; files or folders)",
@@ -53,12 +52,12 @@ def _add_suppress(sub: argparse._SubParsersAction) -> None:
                    help="start from offset noise (eps + 0.1 eps_c, as in training) instead of plain "
                         "Gaussian noise, as the original sampler does")
     p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
-    p.set_defaults(func=_suppress)
+    p.set_defaults(func=run)
 
 
-def _suppress(args: argparse.Namespace) -> int:
-    from .modeldir import ModelDirError
-    from .suppressor import Suppressor
+def run(args: argparse.Namespace) -> int:
+    from ..modeldir import ModelDirError
+    from ..suppressor import Suppressor
 
     out_dir = Path(args.output)
     try:
@@ -111,26 +110,3 @@ def _suppress(args: argparse.Namespace) -> int:
             print(f"  {source}: {reason}", file=sys.stderr)
         return 1
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bsldm-fast",
-        description="Fast BS-LDM bone suppression for chest X-rays (Sun et al., IEEE JBHI 2025).",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_suppress(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
