@@ -11,9 +11,9 @@ import logging
 import sys
 
 from .. import __version__
-from . import suppress
+from . import eval, suppress
 
-COMMANDS = (suppress,)
+COMMANDS = (suppress, eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
