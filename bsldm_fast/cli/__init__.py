@@ -11,9 +11,9 @@ import logging
 import sys
 
 from .. import __version__
-from . import eval, suppress
+from . import convert, eval, suppress
 
-COMMANDS = (suppress, eval)
+COMMANDS = (suppress, convert, eval)
 
 
 def build_parser() -> argparse.ArgumentParser:
