@@ -11,9 +11,9 @@ import logging
 import sys
 
 from .. import __version__
-from . import convert, eval, suppress
+from . import build_engine, convert, eval, export, suppress
 
-COMMANDS = (suppress, convert, eval)
+COMMANDS = (suppress, convert, eval, export, build_engine)
 
 
 def build_parser() -> argparse.ArgumentParser:
