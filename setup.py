@@ -91,7 +91,7 @@ setup(
     packages=find_packages(include=["bsldm_fast", "bsldm_fast.*"]),
     package_data=package_data,
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm", "pydicom>=2.4"],
+    install_requires=["torch>=2.4", "numpy", "pillow", "safetensors", "tqdm", "pydicom>=3.0", "tifffile"],
     extras_require={
         "train": ["pyyaml"],
         "onnx": ["onnx", "onnxruntime"],

@@ -4,6 +4,8 @@ Intensity mapping (the original's `ToTensor` + `Normalize(0.5, 0.5)`, generalise
 - uint8 and uint16 use their full range: x / 255 or x / 65535, then 2x - 1;
 - float images are mapped from their own [min, max] and back, so any calibrated scale survives.
 The image is resized to the model's resolution (bilinear) and the result back to the input's size.
+Files and folders (DICOM, PNG, JPEG, TIFF) go through `suppress_file` / `suppress_dir`, which share
+`io.batch` with the command line.
 """
 
 from __future__ import annotations
@@ -19,11 +21,16 @@ import torch.nn.functional as F
 
 from . import modeldir
 from .diffusion import SAMPLERS
+from .io.batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
+from .io.dicom import Provenance
+from .io.intensity import from_unit, to_unit
 from .pipeline import DEFAULT_STEPS, PRECISIONS, Pipeline
 
 logger = logging.getLogger(__name__)
 
 ImageInput = Union[np.ndarray, Sequence[np.ndarray]]
+
+__all__ = ["Suppressor", "from_unit", "resolve_device", "to_unit"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -34,30 +41,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
     return device
-
-
-def to_unit(image: np.ndarray) -> tuple[np.ndarray, tuple[float, float]]:
-    """An image as float32 in [0, 1], and the (low, high) range that maps it back."""
-    if image.dtype == np.uint8:
-        return image.astype(np.float32) / 255.0, (0.0, 255.0)
-    if image.dtype == np.uint16:
-        return image.astype(np.float32) / 65535.0, (0.0, 65535.0)
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or infinite values")
-        low, high = float(image.min()), float(image.max())
-        span = high - low if high > low else 1.0
-        return ((image - low) / span).astype(np.float32), (low, low + span)
-    raise TypeError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float")
-
-
-def from_unit(unit: np.ndarray, value_range: tuple[float, float], dtype: np.dtype) -> np.ndarray:
-    """Inverse of `to_unit`: clip to [0, 1], scale back, round for integer types."""
-    low, high = value_range
-    values = np.clip(unit, 0.0, 1.0) * (high - low) + low
-    if np.issubdtype(dtype, np.integer):
-        return np.rint(values).astype(dtype)
-    return values.astype(dtype)
 
 
 def _resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -137,20 +120,67 @@ class Suppressor:
                 progress(len(out))
         return out
 
-    def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    def suppress_unit(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Soft-tissue images for display-space images (float in [0, 1], dense = bright), each at
+        its own size; results are float32 in [0, 1]. What the file layer calls."""
+        out: list[np.ndarray] = []
+        for start in range(0, len(images), self.batch_size):
+            out.extend(self._unit_batch(list(images[start : start + self.batch_size])))
+        return out
+
+    def _unit_batch(self, units: list[np.ndarray]) -> list[np.ndarray]:
         size = (self.config.image_size, self.config.image_size)
-        ranges, inputs = [], []
+        inputs = []
+        for unit in units:
+            if unit.ndim != 2 or min(unit.shape) < 2:
+                raise ValueError(f"image of shape {unit.shape} is too small")
+            inputs.append(_resize(torch.from_numpy(np.asarray(unit, np.float32))[None, None], size))
+        batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
+        soft = self.pipeline.run(batch, [self.seed] * len(units), self.sampler, self.steps,
+                                 self.offset_noise)
+        soft = ((soft.float() + 1.0) / 2.0).cpu()
+        return [np.clip(_resize(s[None], unit.shape)[0, 0].numpy(), 0.0, 1.0)
+                for s, unit in zip(soft, units)]
+
+    def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         for image in images:
             if min(image.shape) < 2:
                 raise ValueError(f"image of shape {image.shape} is too small")
-            unit, value_range = to_unit(image)
-            ranges.append(value_range)
-            inputs.append(_resize(torch.from_numpy(unit)[None, None], size))
-        batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
-        soft = self.pipeline.run(batch, [self.seed] * len(images), self.sampler, self.steps,
-                                 self.offset_noise)
-        soft = ((soft.float() + 1.0) / 2.0).cpu()
-        return [
-            from_unit(_resize(s[None], image.shape)[0, 0].numpy(), r, image.dtype)
-            for s, r, image in zip(soft, ranges, images)
-        ]
+        mapped = [to_unit(image) for image in images]
+        softs = self._unit_batch([unit for unit, _ in mapped])
+        return [from_unit(soft, value_range, image.dtype)
+                for soft, (_, value_range), image in zip(softs, mapped, images)]
+
+    # Files -----------------------------------------------------------------------------------
+
+    def provenance(self) -> Provenance:
+        """What made the results: written into derived DICOM instances and batch reports."""
+        from . import __version__
+
+        return Provenance(model=self.source, sampler=self.sampler, steps=self.steps, seed=self.seed,
+                          version=__version__, untrained=self.is_random)
+
+    def suppress_file(self, source: str | Path, target: str | Path, *, overwrite: bool = False,
+                      bone: bool = False, side_by_side: bool = False) -> Outcome:
+        """Suppress one radiograph file (PNG, JPEG, TIFF or DICOM) into `target`, like `bsldm-fast
+        suppress`: same format, bit depth, size and orientation; DICOM as a derived instance;
+        atomic; never over an input, nor over an existing file unless `overwrite`. Extra outputs go
+        beside `target`. Raises `ImageError` naming the file and the reason."""
+        options = BatchOptions(overwrite=overwrite, bone=bone, side_by_side=side_by_side,
+                               progress=False)
+        return suppress_file(self.suppress_unit, self.provenance(), source, target, options)
+
+    def suppress_dir(self, inputs: str | Path | Sequence[str | Path], output: str | Path, *,
+                     overwrite: bool = False, skip_existing: bool = False, bone: bool = False,
+                     side_by_side: bool = False, progress: bool = True,
+                     report: str | Path | None = None) -> BatchResult:
+        """Suppress every radiograph under `inputs` (folders, searched recursively, or files) into
+        `output`, keeping relative paths, exactly as `bsldm-fast suppress` does: failures are
+        reported and skipped, and a JSON report is written (default OUTPUT/bsldm_fast_report.json).
+        Check `result.ok`; `result.failed` lists what failed and why."""
+        if isinstance(inputs, (str, Path)):
+            inputs = [inputs]
+        options = BatchOptions(overwrite=overwrite, skip_existing=skip_existing, bone=bone,
+                               side_by_side=side_by_side, progress=progress, report=report)
+        return run_batch(self.suppress_unit, self.provenance(), list(inputs), output, options,
+                         self.batch_size)

@@ -67,4 +67,42 @@ def test_bad_arguments_exit_cleanly(inputs, tmp_path, capsys):
 def test_console_script_help():
     result = subprocess.run([sys.executable, "-m", "bsldm_fast.cli", "suppress", "--help"],
                             capture_output=True, text=True, check=True)
-    assert "--sampler" in result.stdout and "--overwrite" in result.stdout
+    for flag in ("--sampler", "--overwrite", "--skip-existing", "--bone", "--side-by-side", "--report"):
+        assert flag in result.stdout
+
+
+def test_a_bad_file_is_reported_the_run_goes_on_and_exits_1(inputs, tmp_path, capsys):
+    import json
+
+    (inputs / "sub" / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    code = main(["suppress", str(inputs), "-o", str(out), "--steps", "2", "--bone", "--side-by-side",
+                 "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "wrote 3 of 4" in err and "empty file (0 bytes)" in err
+    assert "images/s" in err
+    for rel in ("a.png", "a.bone.png", "a.png.review.png", "sub/b.bone.png", "sub/c.jpg"):
+        assert (out / rel).is_file(), rel
+    report = json.loads((out / "bsldm_fast_report.json").read_text())
+    assert [f["source"] for f in report["failures"]] == [str(inputs / "sub" / "empty.png")]
+    # a rerun that skips what exists only retries the failure, which fails again
+    code = main(["suppress", str(inputs), "-o", str(out), "--steps", "2", "--bone", "--side-by-side",
+                 "--skip-existing"])
+    assert code == 1 and "3 skipped, 1 failed" in capsys.readouterr().err
+
+
+def test_output_folder_inside_the_input_is_refused(inputs, capsys):
+    assert main(["suppress", str(inputs), "-o", str(inputs / "out"), "--steps", "2"]) == 2
+    assert "outside the inputs" in capsys.readouterr().err
+    assert not (inputs / "out").exists()
+
+
+def test_overwrite_and_skip_existing_exclude_each_other(inputs, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["suppress", str(inputs), "-o", str(tmp_path / "o"), "--overwrite", "--skip-existing"])
+
+
+def test_formats_lists_transfer_syntaxes(capsys):
+    assert main(["formats"]) == 0
+    out = capsys.readouterr().out
+    assert "Explicit VR Little Endian" in out and "RLE Lossless" in out and "px a side" in out

@@ -108,3 +108,66 @@ def test_the_callers_model_is_left_unchanged(tiny_model):
     Suppressor(tiny_model, device="cpu", precision="bf16")
     after = tiny_model.unet.state_dict()
     assert all(after[k].dtype == torch.float32 and torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_display_space_entry_agrees_with_the_array_api(suppressor):
+    from bsldm_fast.suppressor import from_unit, to_unit
+
+    image = _image(np.random.default_rng(), np.uint16, (70, 50))
+    unit, value_range = to_unit(image)
+    soft = suppressor.suppress_unit([unit])[0]
+    assert soft.dtype == np.float32 and soft.shape == image.shape
+    assert 0.0 <= soft.min() and soft.max() <= 1.0
+    assert np.array_equal(from_unit(soft, value_range, np.uint16), suppressor(image))
+
+
+def test_suppress_file_writes_what_the_array_api_returns(suppressor, tmp_path):
+    from bsldm_fast.io import ImageError, read_image, write_image
+
+    image = _image(np.random.default_rng(), np.uint16, (48, 40))
+    write_image(tmp_path / "in.png", image)
+    outcome = suppressor.suppress_file(tmp_path / "in.png", tmp_path / "out" / "soft.png", bone=True)
+    assert outcome.status == "written" and len(outcome.outputs) == 2
+    assert np.array_equal(read_image(tmp_path / "out" / "soft.png"), suppressor(image))
+    assert read_image(tmp_path / "out" / "soft.bone.png").dtype == np.uint16
+    with pytest.raises(ImageError, match="output exists"):
+        suppressor.suppress_file(tmp_path / "in.png", tmp_path / "out" / "soft.png")
+    with pytest.raises(ImageError, match="overwrite an input"):
+        suppressor.suppress_file(tmp_path / "in.png", tmp_path / "in.png", overwrite=True)
+    (tmp_path / "bad.png").write_bytes(b"")
+    with pytest.raises(ImageError, match="empty file"):
+        suppressor.suppress_file(tmp_path / "bad.png", tmp_path / "out" / "bad.png")
+    assert not (tmp_path / "out" / "bad.png").exists()
+
+
+def test_suppress_dir_with_a_dicom_and_a_bad_file(suppressor, tmp_path):
+    import json
+    import shutil
+    import warnings
+
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    from bsldm_fast.io import write_image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ct = get_testdata_file("CT_small.dcm")
+    if ct is None:
+        pytest.skip("pydicom's test file CT_small.dcm is not installed")
+    root = tmp_path / "in"
+    (root / "series").mkdir(parents=True)
+    shutil.copy(ct, root / "series" / "ct.dcm")
+    write_image(root / "x.png", _image(np.random.default_rng(), np.uint8, (40, 40)))
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = suppressor.suppress_dir(root, tmp_path / "out", progress=False)
+    assert not result.ok and len(result.written) == 2
+    assert "broken.png" in result.failed[0].source and "cannot read PNG" in result.failed[0].reason
+    before, after = pydicom.dcmread(ct), pydicom.dcmread(tmp_path / "out" / "series" / "ct.dcm")
+    assert after.StudyInstanceUID == before.StudyInstanceUID
+    assert after.SeriesInstanceUID != before.SeriesInstanceUID
+    assert after.pixel_array.shape == before.pixel_array.shape
+    assert after.pixel_array.dtype == before.pixel_array.dtype
+    assert "random:tiny" in after.SeriesDescription or "tiny" in after.SeriesDescription
+    report = json.loads(result.report_path.read_text())
+    assert report["provenance"]["steps"] == suppressor.steps and report["counts"]["failed"] == 1

@@ -11,9 +11,9 @@ import logging
 import sys
 
 from .. import __version__
-from . import build_engine, convert, eval, export, suppress
+from . import build_engine, convert, eval, export, formats, suppress
 
-COMMANDS = (suppress, convert, eval, export, build_engine)
+COMMANDS = (suppress, convert, eval, export, build_engine, formats)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..diffusion import SAMPLERS
-from ..io import ImageError, find_images, read_image, write_image
+from ..io import ImageError, find_images
+from ..io.batch import REPORT_NAME, BatchOptions, check_output_folder, run_batch
+from ..io.images import MAX_PIXELS, MAX_SIDE, MIN_SIDE
 from ..pipeline import DEFAULT_STEPS, PRECISIONS
 
 logger = logging.getLogger(__name__)
@@ -28,10 +27,14 @@ RANDOM_MODEL_WARNING = (
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "suppress",
-        help="bone-suppress chest X-rays (PNG/JPEG, 8/16-bit; files or folders)",
+        help="bone-suppress chest X-rays (DICOM, PNG, JPEG, TIFF; files or folders)",
         description="Write a soft-tissue (bone-suppressed) image for every input radiograph. Folders "
-        "are searched recursively; each result keeps its relative path, name, format and bit depth "
-        "under OUTDIR. Existing outputs are never overwritten unless --overwrite is given.",
+        "are searched recursively; each result keeps its relative path, name, format, bit depth, "
+        "size and orientation under OUTDIR (a DICOM result is a new derived instance in a new "
+        "series). Outputs are written atomically; inputs are never modified; existing outputs are "
+        "kept unless --overwrite. A file that fails is reported and skipped; the exit code is 1 "
+        f"if any failed, and OUTDIR/{REPORT_NAME} lists every failure with its reason. Images "
+        f"must be {MIN_SIDE} to {MAX_SIDE} px a side and at most {MAX_PIXELS / 1e6:.1f} Mpx.",
     )
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -51,7 +54,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--offset-noise", action="store_true",
                    help="start from offset noise (eps + 0.1 eps_c, as in training) instead of plain "
                         "Gaussian noise, as the original sampler does")
-    p.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace outputs that already exist (never inputs)")
+    existing.add_argument("--skip-existing", action="store_true",
+                          help="skip inputs whose outputs already exist (resume a run)")
+    p.add_argument("--bone", action="store_true",
+                   help="also write the bone image (CXR minus soft tissue) as NAME.bone.EXT")
+    p.add_argument("--side-by-side", action="store_true",
+                   help="also write NAME.review.png: CXR | soft tissue [| bone], 8-bit, for review")
+    p.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
+    p.add_argument("--report", default=None, metavar="PATH",
+                   help=f"where to write the JSON report (default: OUTDIR/{REPORT_NAME})")
     p.set_defaults(func=run)
 
 
@@ -59,20 +73,19 @@ def run(args: argparse.Namespace) -> int:
     from ..modeldir import ModelDirError
     from ..suppressor import Suppressor
 
-    out_dir = Path(args.output)
-    try:
+    try:  # path problems first, before a model is loaded
         jobs = find_images(args.inputs)
+        check_output_folder(args.inputs, Path(args.output))
     except ImageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not jobs:
-        print("error: no PNG or JPEG images found in the inputs", file=sys.stderr)
+        print("error: no DICOM, PNG, JPEG or TIFF images found in the inputs", file=sys.stderr)
         return 2
-    sources = {job.source.resolve() for job in jobs}
     try:
         suppressor = Suppressor.from_pretrained(
             args.model, device=args.device, sampler=args.sampler, steps=args.steps, seed=args.seed,
-            precision=args.precision, offset_noise=args.offset_noise,
+            precision=args.precision, offset_noise=args.offset_noise, batch_size=args.batch_size,
         )
     except (ModelDirError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -84,29 +97,18 @@ def run(args: argparse.Namespace) -> int:
         f"{suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, {args.precision}",
         file=sys.stderr,
     )
-
-    failures: list[tuple[Path, str]] = []
-    written = 0
-    start = time.perf_counter()
-    bar = tqdm(jobs, unit="img", desc="suppress", file=sys.stderr)
-    for job in bar:
-        target = out_dir / job.relative
-        try:
-            if target.resolve() in sources:
-                raise ImageError(f"{target}: output would overwrite an input; choose another -o")
-            if target.exists() and not args.overwrite:
-                raise ImageError(f"{target}: output exists (use --overwrite to replace it)")
-            image = read_image(job.source)
-            write_image(target, suppressor(image), overwrite=args.overwrite)
-            written += 1
-        except (ImageError, ValueError, OSError) as error:
-            failures.append((job.source, str(error)))
-            bar.write(f"failed: {job.source}: {error}", file=sys.stderr)
-    elapsed = time.perf_counter() - start
-    print(f"wrote {written} of {len(jobs)} images to {out_dir} in {elapsed:.1f} s", file=sys.stderr)
-    if failures:
-        print(f"{len(failures)} failed:", file=sys.stderr)
-        for source, reason in failures:
-            print(f"  {source}: {reason}", file=sys.stderr)
+    options = BatchOptions(overwrite=args.overwrite, skip_existing=args.skip_existing,
+                           bone=args.bone, side_by_side=args.side_by_side, report=args.report)
+    try:
+        result = run_batch(suppressor.suppress_unit, suppressor.provenance(), args.inputs,
+                           args.output, options, args.batch_size)
+    except ImageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(result.summary(), file=sys.stderr)
+    if result.failed:
+        print(f"{len(result.failed)} failed:", file=sys.stderr)
+        for outcome in result.failed:
+            print(f"  {outcome.source}: {outcome.reason}", file=sys.stderr)
         return 1
     return 0
