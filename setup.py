@@ -73,7 +73,9 @@ def _extension():
             "bsldm_fast._C",
             sources=sources + _sources("**/*.cu"),
             define_macros=[("WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            # --fmad=false for the same reason as -ffp-contract=off: the kernels repeat their
+            # references' float32 operations one by one.
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--fmad=false"]},
             extra_link_args=link,
         )
     return cpp_extension.CppExtension(

@@ -11,13 +11,18 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from . import kernels
 from .config import ModelConfig
 from .diffusion import Schedule, sample, spaced_timesteps
-from .diffusion.noise import StepNoise, initial_latent
+from .diffusion.noise import StepNoise, initial_latent, seed_tensor
+from .kernels.sampling import sample_fused
 from .models import VQGAN, UNet
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_STEPS = {"ddpm": 1000, "ddim": 20, "dpmpp": 20}
+STEP_BACKENDS = kernels.BACKENDS
+"""'reference': the unfused PyTorch samplers (diffusion/samplers.py), the specification; 'auto',
+'cpp', 'cuda', 'triton': the fused kernels of bsldm_fast.kernels ('auto' picks the best available)."""
 
 
 class LatentDenoiser:
@@ -59,14 +64,25 @@ def _on(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> to
 
 
 class Pipeline:
-    """A loaded model on one device and precision, ready to sample."""
+    """A loaded model on one device and precision, ready to sample.
+
+    `step_backend` picks how each sampler step runs: the fused kernels ('auto', 'cpp', 'cuda',
+    'triton'; see bsldm_fast.kernels) or the unfused PyTorch reference ('reference'). Both draw the
+    same Philox noise, so they give the same result to float32 rounding.
+    """
 
     def __init__(self, config: ModelConfig, vqgan: VQGAN, unet: UNet,
-                 device: torch.device | str = "cpu", precision: str = "fp32"):
+                 device: torch.device | str = "cpu", precision: str = "fp32",
+                 step_backend: str = "auto"):
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        if step_backend not in STEP_BACKENDS:
+            raise ValueError(f"unknown step_backend {step_backend!r}; choose one of {STEP_BACKENDS}")
         self.config = config
         self.device = torch.device(device)
+        self.step_backend = (step_backend if step_backend == "reference"
+                             else kernels.resolve(step_backend, self.device))
+        """'reference', or the kernel backend that 'auto' resolved to on this device."""
         self.precision = precision
         dtype = PRECISIONS[precision]
         # Reduced precision on the CPU pays off only in channels-last layout (oneDNN's bf16 path).
@@ -81,7 +97,11 @@ class Pipeline:
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """CXR images [B, 1, S, S] in [-1, 1] -> quantised latents [B, 4, S/8, S/8]."""
-        return self.vqgan.encode_latent(images.to(self.device, torch.float32))
+        images = images.to(self.device, torch.float32)
+        if self.step_backend == "reference":
+            return self.vqgan.encode_latent(images)
+        codes = self.vqgan.quantizer.embedding.weight
+        return kernels.vq_quantize(self.vqgan.encode(images), codes, backend=self.step_backend)[0]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -98,6 +118,10 @@ class Pipeline:
         timesteps = spaced_timesteps(self.schedule.num_timesteps, steps)
         shape = tuple(cond.shape[1:])
         coefficient = self.config.diffusion.offset_noise_coefficient if offset_noise else 0.0
+        cond = cond.to(self.device, torch.float32)
+        if self.step_backend != "reference":
+            return sample_fused(sampler, self.denoiser, cond, seed_tensor(seeds, self.device),
+                                self.schedule, timesteps, coefficient, self.step_backend, progress)
         x = initial_latent(seeds, shape, coefficient, self.device)
         noise = StepNoise(seeds, shape, self.device)
         return sample(sampler, self.denoiser, x, cond, self.schedule, timesteps, noise, progress)

@@ -11,6 +11,7 @@
 #include <tuple>
 #include <vector>
 
+#include "philox.h"
 #include "schedule.h"
 
 namespace {
@@ -33,6 +34,12 @@ std::tuple<torch::Tensor, torch::Tensor> schedule_tables(int64_t num_timesteps,
   return {to_float64_tensor(tables.betas), to_float64_tensor(tables.alphas_cumprod)};
 }
 
+std::tuple<uint32_t, uint32_t, uint32_t, uint32_t> philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2,
+                                                              uint32_t c3, uint32_t k0, uint32_t k1) {
+  const bsldm::Philox4 r = bsldm::philox4x32_10(c0, c1, c2, c3, k0, k1);
+  return {r.v[0], r.v[1], r.v[2], r.v[3]};
+}
+
 bool with_cuda() {
 #ifdef WITH_CUDA
   return true;
@@ -53,6 +60,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 Bit-exact twin of bsldm_fast.diffusion.schedule.reference_tables: the float32 values of diffusers'
 DDPMScheduler, widened to float64. beta_schedule is 'squaredcos_cap_v2' (beta_start and beta_end
 ignored) or 'linear'. Raises ValueError for invalid arguments.)doc");
+
+  m.def("philox4x32_10", &philox4x32_10, py::arg("c0"), py::arg("c1"), py::arg("c2"), py::arg("c3"),
+        py::arg("k0"), py::arg("k1"),
+        "Philox4x32-10 of one counter (c0..c3) and key (k0, k1): the noise stream's generator "
+        "(csrc/philox.h). The fused sampler ops are torch.ops.bsldm_fast.*.");
 
   m.def("with_cuda", &with_cuda, "Whether this build includes the CUDA sources.");
 }
