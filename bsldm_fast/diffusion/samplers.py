@@ -13,7 +13,6 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .schedule import Schedule
@@ -58,19 +57,21 @@ def ddpm_coefficients_float32(alpha_bar: float, alpha_bar_prev: float) -> DDPMCo
 
     NOTE: the original samples with these. Near t = 0, beta_t = 1 - alpha_bar_t / alpha_bar_prev
     cancels catastrophically in float32 (~1e-3 relative), so the float64 formula would not be the
-    model's sampler to float32 rounding; this replays diffusers' operations one by one.
+    model's sampler to float32 rounding. This replays diffusers' operations one by one on 0-dim
+    float32 tensors, as diffusers does: torch divides by such a scalar as a multiplication by its
+    reciprocal, which is not IEEE division, and a 1000-step chain would accumulate the difference.
     """
-    f = np.float32
-    ab, ab_prev = f(alpha_bar), f(alpha_bar_prev)
-    beta_prod, beta_prod_prev = f(1) - ab, f(1) - ab_prev
+    ab = torch.tensor(alpha_bar, dtype=torch.float32)
+    ab_prev = torch.tensor(alpha_bar_prev, dtype=torch.float32)
+    beta_prod, beta_prod_prev = 1 - ab, 1 - ab_prev
     current_alpha = ab / ab_prev
-    current_beta = f(1) - current_alpha
-    variance = max((beta_prod_prev / beta_prod) * current_beta, f(1e-20))
+    current_beta = 1 - current_alpha
+    variance = torch.clamp(beta_prod_prev / beta_prod * current_beta, min=1e-20)
     return DDPMCoefficients(
         alpha_bar=alpha_bar,
-        x0_coeff=float((ab_prev ** f(0.5) * current_beta) / beta_prod),
-        x_coeff=float((current_alpha ** f(0.5) * beta_prod_prev) / beta_prod),
-        noise_std=float(variance ** f(0.5)),
+        x0_coeff=((ab_prev**0.5 * current_beta) / beta_prod).item(),
+        x_coeff=((current_alpha**0.5 * beta_prod_prev) / beta_prod).item(),
+        noise_std=(variance**0.5).item(),
     )
 
 
