@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import platform
+import re
 import resource
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from bsldm_fast.config import ModelConfig
-from bsldm_fast.models import UNet
+from bsldm_fast.models import VQGAN, UNet
 
 
 @dataclass
@@ -27,45 +29,106 @@ class Timing:
     maximum: float
     repeats: int
     peak_rss_mib: float
-    """Peak resident memory of this process so far (the CPU analogue of max_memory_allocated)."""
+    """Peak memory during the timed calls, MiB: resident set on the CPU, `max_memory_allocated` on a
+    GPU (see `mem_kind`). On the CPU it is per measurement where the kernel lets us reset the peak."""
+    mem_kind: str = "rss"
+    times: list[float] = field(default_factory=list)
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: the relative spread of the repeats."""
+        return (self.maximum - self.minimum) / self.median if self.median else 0.0
 
 
-def measure(fn: Callable[[], object], warmup: int = 1, repeats: int = 3) -> Timing:
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib(resettable: bool) -> float:
+    if resettable:
+        with open("/proc/self/status") as f:
+            match = re.search(r"VmHWM:\s+(\d+) kB", f.read())
+        if match:
+            return int(match.group(1)) / 1024
+    # NOTE: ru_maxrss is the peak of the whole process so far, an upper bound for this measurement.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(fn: Callable[[], object], warmup: int = 1, repeats: int = 3,
+            device: torch.device | str | None = None) -> Timing:
+    """Time `fn` after `warmup` untimed calls; on a GPU each call is synchronised and peak memory is
+    the allocator's, on the CPU it is the resident set."""
+    cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
+    _sync(device)
     gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    resettable = False if cuda else _reset_peak_rss()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return Timing(statistics.median(times), min(times), max(times), repeats, peak)
+    if cuda:
+        peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocated"
+    else:
+        peak, kind = _peak_rss_mib(resettable), "rss"
+    return Timing(statistics.median(times), min(times), max(times), repeats, peak, kind, times)
 
 
-def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> float:
+def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3,
+                device: torch.device | str = "cpu") -> float:
     """The machine's measured dense matmul rate in FLOP/s for `dtype` (the roofline's ceiling):
     the best of a few square sizes, since small ones under-fill the cores."""
     best = 0.0
     for n in sizes:
-        a = torch.randn(n, n).to(dtype)
-        b = torch.randn(n, n).to(dtype)
-        t = measure(lambda: a @ b, warmup=1, repeats=repeats)
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        t = measure(lambda: a @ b, warmup=1, repeats=repeats, device=device)
         best = max(best, 2 * n**3 / t.minimum)
     return best
 
 
-def unet_flops(config: ModelConfig, batch: int = 1) -> int:
-    """Forward FLOPs of one U-Net evaluation, counted by torch's FlopCounterMode on a meta device."""
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of `fn` as torch's FlopCounterMode counts them (matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def unet_flops(config: ModelConfig, batch: int = 1) -> int:
+    """Forward FLOPs of one U-Net evaluation, counted by torch's FlopCounterMode on a meta device."""
     with torch.device("meta"):
         unet = UNet(config.unet)
         x = torch.empty(batch, config.unet.in_channels, config.latent_size, config.latent_size)
         t = torch.zeros(batch, dtype=torch.long)
-    with FlopCounterMode(display=False) as counter:
-        unet(x, t)
-    return int(counter.get_total_flops())
+    return count_flops(lambda: unet(x, t))
+
+
+def vqgan_flops(config: ModelConfig, batch: int = 1) -> tuple[int, int]:
+    """(encode, decode) FLOPs of the VQGAN at the config's image size, counted on a meta device."""
+    with torch.device("meta"):
+        vqgan = VQGAN(config.vqgan)
+        images = torch.empty(batch, 1, config.image_size, config.image_size)
+        latent = torch.empty(batch, config.vqgan.embedding_dim, config.latent_size, config.latent_size)
+    return count_flops(lambda: vqgan.encode_latent(images)), count_flops(lambda: vqgan.decode(latent))
 
 
 @dataclass
@@ -79,30 +142,88 @@ class Row:
     steps: int = 0
     timing: Timing | None = None
     flops: float = 0.0
+    config: str = "-"
+    """Model preset the row ran (its architecture; `resolution` may differ from the preset's)."""
+    group: str = "stages"
+    """'stages', or the scaling series the row belongs to ('scaling-resolution', ...)."""
+    note: str = ""
+    compile_s: float | None = None
+    """One-off compile time, kept out of `timing` (torch.compile, engine builds)."""
 
     @property
     def rate(self) -> float:
         return self.flops / self.timing.median if self.timing and self.flops else 0.0
 
+    @property
+    def per_image(self) -> float:
+        return self.timing.median / self.batch if self.timing else 0.0
 
-def machine() -> dict:
-    return {
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    device = torch.device(device)
+    info = {
         "host": platform.node(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": torch.get_num_threads(),
+        "processor": _cpu_model() or platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"),
+        "device": "cpu",
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if device.type == "cuda":
+        info["device"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
 
 
-def write_results(rows: list[Row], peaks: dict[str, float], name: str, out_dir: Path) -> Path:
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            match = re.search(r"model name\s*:\s*(.+)", f.read())
+        return match.group(1).strip() if match else ""
+    except OSError:
+        return ""
+
+
+def machine_slug(info: dict) -> str:
+    """A file-name-safe machine label: the GPU's name, or 'cpu<N>-<model>' on the CPU."""
+    if info["device"] != "cpu":
+        text = info["device"]
+    else:
+        text = f"cpu{info['cpus']}-{info['processor']}"
+    text = re.sub(r"\(r\)|\(tm\)|processor|\d+-core", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")[:48]
+
+
+def row_dict(row: Row, peaks: dict[str, float]) -> dict:
+    out = asdict(row)
+    timing = out.pop("timing") or {}
+    timing.pop("times", None)
+    out.update(timing)
+    if row.timing:
+        out["spread"] = row.timing.spread
+        out["times"] = row.timing.times
+        out["per_image_s"] = row.per_image
+    out["achieved_flops"] = row.rate
+    peak = peaks.get(row.precision)
+    out["fraction_of_peak"] = row.rate / peak if peak and row.rate else None
+    return out
+
+
+def write_results(rows: list[Row], peaks: dict[str, float], name: str, out_dir: Path,
+                  extra: dict | None = None, device: torch.device | str = "cpu", suffix: str = "") -> Path:
+    """Write `<name>-<date><suffix>.json` atomically; returns its path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    info = machine()
-    path = out_dir / f"{name}-{info['date']}.json"
+    info = machine(device)
+    path = out_dir / f"{name}-{info['date']}{suffix}.json"
     payload = {
         "machine": info,
         "matmul_peak_flops": peaks,
-        "rows": [dict(asdict(r), achieved_flops=r.rate) for r in rows],
+        "rows": [row_dict(r, peaks) for r in rows],
+        **(extra or {}),
     }
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
     return path

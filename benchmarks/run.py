@@ -1,0 +1,691 @@
+"""The yardstick: every stage x backend x size, against the original-style loop and the machine's
+measured matmul peak, in one run.
+
+    python benchmarks/run.py [--quick | --smoke] [--device cpu|cuda] [--tag dev] [--compile]
+
+Prints a table as it goes and writes benchmarks/results/<machine>-<date>[-<tag>].json and a scaling
+plot (.png) beside it. Weights are random: speed does not depend on them. Rows are a registry of
+`Scenario`s; a new backend or stage only adds entries to `BACKENDS` / `STAGES` / `scenarios()`.
+Backends that are not present here (fused kernels, TensorRT, a GPU) are listed as skipped, with why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import functools
+import inspect
+import json
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from original_style import OriginalStyle  # noqa: E402
+from timing import (Row, Timing, machine, machine_slug, matmul_peak, measure, unet_flops,  # noqa: E402
+                    vqgan_flops, write_results)
+
+from bsldm_fast.config import ModelConfig, preset  # noqa: E402
+from bsldm_fast.modeldir import Model, random_model  # noqa: E402
+from bsldm_fast.pipeline import PRECISIONS, Pipeline  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STAGE_ORDER = ("vq-encode", "unet-step", "sampler-step", "vq-decode", "end-to-end")
+DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp", 20
+"""The few-step sampler the targets are stated for (the Pipeline's default)."""
+SAMPLER_STEP_FLOPS = {"ddpm": 12, "ddim": 10, "dpmpp": 12, "original": 12}
+"""Element-wise FLOPs per latent element of one sampler update, by formula (x0, clip, update, noise):
+the step is memory-bound, so its rate is far below any matmul peak by nature."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One row to measure."""
+
+    stage: str
+    backend: str
+    precision: str
+    config: str
+    batch: int = 1
+    resolution: int = 0
+    """Image size; 0 means the preset's."""
+    sampler: str = "-"
+    steps: int = 0
+    group: str = "stages"
+    heavy: bool = False
+    """Seconds per call at least: warm-up and repeats are cut (see `Plan`)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How much of the registry to run and how often to repeat."""
+
+    name: str
+    configs: tuple[str, ...]
+    throughput_batch: dict[str, int]
+    """The throughput batch of each config on the CPU (a GPU doubles it: see `main`)."""
+    repeats: int
+    heavy_repeats: int
+    heavy_warmup: int
+    """Heavy rows (paper-size VQGAN and end to end) reuse modules the stage rows warmed up."""
+    original_steps: int
+    """Timed steps of the original-style loop on the CPU (scaled to 1000); 0: the whole loop."""
+    compile: bool
+    lean: bool
+    """Paper size: the throughput batch times the U-Net step and the default path only, and the
+    end-to-end rows skip eager bf16 (the fused row runs the same U-Net)."""
+    scaling_resolutions: tuple[int, ...]
+    scaling_batches: tuple[int, ...]
+    scaling_steps: tuple[int, ...]
+    scaling_config: str
+    """Architecture of the resolution and batch series."""
+    steps_config: str
+    """Config of the steps series."""
+
+
+PLANS = {
+    "smoke": Plan("smoke", ("tiny",), {"tiny": 2}, 2, 1, 0, 3, False, False, (32, 64), (1, 2), (2, 4),
+                  "tiny", "tiny"),
+    "quick": Plan("quick", ("small", "paper"), {"small": 4, "paper": 2}, 3, 2, 0, 3, False, True,
+                  (256, 512, 1024), (1, 2, 4), (5, 10, 20, 50), "paper", "small"),
+    "full": Plan("full", ("small", "paper"), {"small": 8, "paper": 2}, 5, 3, 0, 10, True, False,
+                 (256, 512, 1024), (1, 2, 4, 8), (5, 10, 20, 50), "paper", "paper"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends: how to build a pipeline, and whether this machine has what it needs.
+
+
+class Context:
+    """Models, pipelines and FLOP counts, built once per (config, resolution) and reused."""
+
+    def __init__(self, device: torch.device, plan: Plan):
+        self.device = device
+        self.plan = plan
+        self._key: tuple | None = None
+        self._cache: dict = {}
+
+    def model_config(self, name: str, resolution: int) -> ModelConfig:
+        config = preset(name)
+        if resolution and resolution != config.image_size:
+            config = dataclasses.replace(config, image_size=resolution)
+        return config
+
+    def model(self, name: str, resolution: int) -> Model:
+        key = (name, resolution or preset(name).image_size)
+        if self._key != key:
+            # NOTE: one size at a time: the paper model's copies (fp32, bf16, compiled) are GBs.
+            self._cache.clear()
+            self._key = key
+            self._cache["model"] = random_model(self.model_config(name, resolution))
+        return self._cache["model"]
+
+    def cached(self, key: tuple, build: Callable[[], object]):
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    precisions: tuple[str, ...]
+    build: Callable[[Context, Model, str], object]
+    """(context, model, precision) -> a Pipeline (or the original-style loop)."""
+    available: Callable[[torch.device], str | None] = lambda device: None
+    """None when usable here, else the reason it is skipped."""
+    note: str = ""
+
+
+def _step_kwargs(step_backend: str) -> dict:
+    # Pipelines from before the fused kernels (issue 7) have no step_backend: they are all reference.
+    if "step_backend" in inspect.signature(Pipeline.__init__).parameters:
+        return {"step_backend": step_backend}
+    return {}
+
+
+def _eager(ctx: Context, model: Model, precision: str) -> Pipeline:
+    return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, **_step_kwargs("reference"))
+
+
+def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
+    # Copies: compiling must not touch the modules the eager rows share.
+    p = Pipeline(model.config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), ctx.device, precision,
+                 **_step_kwargs("reference"))
+    p.unet = torch.compile(p.unet)
+    p.denoiser.unet = p.unet
+    p.vqgan.encode_latent = torch.compile(p.vqgan.encode_latent)
+    p.vqgan.decode = torch.compile(p.vqgan.decode)
+    return p
+
+
+def _compile_available(device: torch.device) -> str | None:
+    try:
+        import torch._inductor  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means no inductor
+        return f"torch inductor unavailable: {e}"
+    return None
+
+
+FUSED = ("cpp", "cuda", "triton")
+
+
+def _fused_unavailable(name: str):
+    def why(device: torch.device) -> str | None:
+        if not _step_kwargs(name):
+            return "Pipeline has no step_backend option yet (fused sampler kernels, issue 7)"
+        try:
+            from bsldm_fast import kernels
+        except Exception as e:  # noqa: BLE001 - report whatever broke the import
+            return f"bsldm_fast.kernels does not import: {e}"
+        return kernels.unavailable(name, device)
+    return why
+
+
+def _fused(name: str):
+    def build(ctx: Context, model: Model, precision: str) -> Pipeline:
+        return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, **_step_kwargs(name))
+    return build
+
+
+def _tensorrt_available(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return "TensorRT needs a CUDA device"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed"
+    try:
+        from bsldm_fast.engines import runner  # noqa: F401
+    except ImportError:
+        return "bsldm_fast.engines has no runner yet (ONNX/TensorRT engines)"
+    return None
+
+
+def _tensorrt(ctx: Context, model: Model, precision: str):
+    from bsldm_fast.engines import runner
+
+    return runner.pipeline(model, ctx.device, precision)
+
+
+def _original(ctx: Context, model: Model, precision: str) -> OriginalStyle:
+    return OriginalStyle(model.vqgan, model.unet, model.config.diffusion, ctx.device)
+
+
+def _diffusers_available(device: torch.device) -> str | None:
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        return "diffusers is not installed (the original loop uses its DDPMScheduler)"
+    return None
+
+
+def backends(device: torch.device) -> dict[str, Backend]:
+    low = ("bf16",) if device.type == "cpu" else ("bf16", "fp16")
+    cl = "; bf16 U-Net channels-last" if device.type == "cpu" else ""
+    table = [
+        Backend("original-style", ("fp32",), _original, _diffusers_available,
+                "the BS-LDM loop: DDPMScheduler rebuilt every step, cat, host copy"),
+        Backend("torch-eager", ("fp32",) + low, _eager, note=f"unfused PyTorch step{cl}"),
+        Backend("torch-compile", ("fp32",) + low, _compiled, _compile_available,
+                note=f"inductor; unfused PyTorch step{cl}"),
+    ]
+    table += [Backend(f"fused-{n}", ("fp32",) + low, _fused(n), _fused_unavailable(n),
+                      note=f"eager U-Net; fused {n} step and VQ quantiser{cl}") for n in FUSED]
+    table.append(Backend("tensorrt", ("fp16",), _tensorrt, _tensorrt_available))
+    return {b.name: b for b in table}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages: (scenario, pipeline) -> something to time, its FLOPs and a note.
+
+# Counting on a meta device still builds the model: once per (config, batch) is enough.
+unet_flops = functools.lru_cache(maxsize=None)(unet_flops)
+vqgan_flops = functools.lru_cache(maxsize=None)(vqgan_flops)
+
+
+@dataclass
+class Prepared:
+    fn: Callable[[], object]
+    flops: float
+    note: str = ""
+
+
+def _images(config: ModelConfig, batch: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return (torch.rand(batch, 1, config.image_size, config.image_size, generator=g) * 2 - 1).to(device)
+
+
+def _latents(config: ModelConfig, batch: int, channels: int, device: torch.device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(batch, channels, config.latent_size, config.latent_size, generator=g).to(device)
+
+
+def stage_encode(s: Scenario, ctx: Context, p: Pipeline, config: ModelConfig) -> Prepared:
+    images = _images(config, s.batch, ctx.device)
+    return Prepared(lambda: p.encode(images), vqgan_flops(config, s.batch)[0])
+
+
+def stage_decode(s: Scenario, ctx: Context, p: Pipeline, config: ModelConfig) -> Prepared:
+    latents = _latents(config, s.batch, config.vqgan.embedding_dim, ctx.device)
+    return Prepared(lambda: p.decode(latents), vqgan_flops(config, s.batch)[1])
+
+
+def stage_unet(s: Scenario, ctx: Context, p: Pipeline, config: ModelConfig) -> Prepared:
+    u = _latents(config, s.batch, config.unet.in_channels, ctx.device)
+    t = torch.full((s.batch,), 500, dtype=torch.long, device=ctx.device)
+
+    def step():
+        with torch.inference_mode():
+            return p.denoiser(u, t)
+    # The denoiser as the sampler calls it: input cast and layout, the U-Net, the output slice.
+    return Prepared(step, unet_flops(config, s.batch))
+
+
+class _StubDenoiser:
+    """Returns a fixed noise estimate at no cost, so a sampler loop times its own overhead only."""
+
+    def __init__(self, eps: torch.Tensor):
+        self.eps = eps
+
+    def __call__(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.eps
+
+
+def stage_sampler(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared:
+    c = config.diffusion.latent_channels
+    elements = s.batch * c * config.latent_size**2
+    flops = SAMPLER_STEP_FLOPS.get(s.sampler, 10) * elements
+    if isinstance(p, OriginalStyle):
+        stub = _StubDenoiser(_latents(config, 1, config.unet.out_channels, ctx.device) * 0.5)
+        cxr = _latents(config, 1, c, ctx.device)
+        # Times of the loop's steps with a free U-Net: the step, the rebuild, the cat, the host copy.
+        return Prepared(lambda: p.loop(cxr, s.steps, stub)[1], flops * config.unet.out_channels // c,
+                        "diffusers step + scheduler rebuild + cat + host copy")
+    cond = _latents(config, s.batch, c, ctx.device)
+    stub = _StubDenoiser(_latents(config, s.batch, c, ctx.device) * 0.5)
+    denoiser = p.denoiser
+    seeds = list(range(s.batch))
+
+    def loop():
+        p.denoiser = stub
+        try:
+            return p.sample_latents(cond, seeds, s.sampler, s.steps)
+        finally:
+            p.denoiser = denoiser
+    return Prepared(loop, flops, "per step: whole loop with a free denoiser / steps")
+
+
+def stage_e2e(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared:
+    images = _images(config, s.batch, ctx.device)
+    flops_step = unet_flops(config, s.batch)
+    enc, dec = vqgan_flops(config, s.batch)
+    flops = enc + dec + flops_step * s.steps
+    if isinstance(p, OriginalStyle):
+        return Prepared(lambda: p.run(images[:1], max_steps=ctx.plan.original_steps or None)[1], flops)
+    return Prepared(lambda: p.run(images, list(range(s.batch)), s.sampler, s.steps), flops)
+
+
+STAGES: dict[str, Callable[..., Prepared]] = {
+    "vq-encode": stage_encode,
+    "unet-step": stage_unet,
+    "sampler-step": stage_sampler,
+    "vq-decode": stage_decode,
+    "end-to-end": stage_e2e,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry of scenarios.
+
+
+def scenarios(plan: Plan, device: torch.device, default_backend: str = "torch-eager") -> list[Scenario]:
+    """Every row of a run, in order: stage rows per config, then the scaling series (of
+    `default_backend`, the Pipeline's default path here, in reduced precision)."""
+    cuda = device.type == "cuda"
+    fused = [f"fused-{n}" for n in FUSED]
+    low = "fp16" if cuda else "bf16"
+    rows: list[Scenario] = []
+    for cfg in plan.configs:
+        paper = preset(cfg).image_size >= 1024
+        for batch in (1, plan.throughput_batch[cfg] * (2 if cuda else 1)):
+            lean = plan.lean and paper
+            heavy = paper and not cuda
+            if not (lean and batch > 1):
+                for backend in ["torch-eager"] + fused:
+                    rows.append(Scenario("vq-encode", backend, "fp32", cfg, batch, heavy=heavy))
+                rows.append(Scenario("vq-decode", "torch-eager", "fp32", cfg, batch, heavy=heavy))
+            for backend in ("torch-eager", "torch-compile", "tensorrt"):
+                for prec in ("fp32", low) if backend != "tensorrt" else ("fp16",):
+                    if backend == "torch-compile" and paper and (prec == "fp32" or batch > 1) and not cuda:
+                        continue  # NOTE: each compile of the paper U-Net costs minutes on 2 cores
+                    rows.append(Scenario("unet-step", backend, prec, cfg, batch))
+            if not (lean and batch > 1):
+                if batch == 1:
+                    rows.append(Scenario("sampler-step", "original-style", "fp32", cfg, 1, 0, "ddpm", 20))
+                for sampler in ("ddpm", "dpmpp"):
+                    rows += [Scenario("sampler-step", b, "fp32", cfg, batch, 0, sampler, 20)
+                             for b in ["torch-eager"] + fused]
+            if batch == 1:
+                rows.append(Scenario("end-to-end", "original-style", "fp32", cfg, 1, 0, "ddpm", 1000, heavy=True))
+            e2e = [("torch-eager", "fp32"), ("torch-eager", low), ("torch-compile", low)]
+            e2e += [(f, low) for f in fused] + [("tensorrt", "fp16")]
+            for backend, prec in e2e:
+                if paper and batch > 1 and not cuda and backend != default_backend:
+                    continue  # the paper-size throughput batch on the CPU: the default path only
+                if paper and batch > 1 and not cuda and (lean or prec == "fp32"):
+                    continue
+                if lean and backend == "torch-eager" and prec == low and default_backend != "torch-eager":
+                    continue
+                rows.append(Scenario("end-to-end", backend, prec, cfg, batch, 0, DEFAULT_SAMPLER,
+                                     DEFAULT_STEPS, heavy=heavy))
+    c = plan.scaling_config
+    size = preset(c).image_size
+    for res in plan.scaling_resolutions:
+        # The U-Net step is the same on every step backend: its series is the eager one.
+        rows.append(Scenario("unet-step", "torch-eager", low, c, 1, res, group="scaling-resolution"))
+        rows.append(Scenario("end-to-end", default_backend, low, c, 1, res, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                             group="scaling-resolution", heavy=res >= 512 and not cuda))
+    for batch in plan.scaling_batches:
+        rows.append(Scenario("unet-step", "torch-eager", low, c, batch, size, group="scaling-batch"))
+    sc = plan.steps_config
+    for steps in plan.scaling_steps:
+        rows.append(Scenario("end-to-end", default_backend, low, sc, 1, preset(sc).image_size, DEFAULT_SAMPLER,
+                             steps, group="scaling-steps", heavy=preset(sc).image_size >= 512 and not cuda))
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Running.
+
+
+def _timing_from(estimates: list[float], peak: float, kind: str) -> Timing:
+    import statistics
+    return Timing(statistics.median(estimates), min(estimates), max(estimates), len(estimates), peak, kind,
+                  estimates)
+
+
+def prepare(s: Scenario, ctx: Context, table: dict[str, Backend]) -> tuple[Backend, object, ModelConfig, Prepared] | str:
+    """(backend, its pipeline, model config, the call to time) for a scenario, or why it is skipped."""
+    backend = table.get(s.backend)
+    if backend is None:
+        return f"backend {s.backend} unknown"
+    reason = backend.available(ctx.device)
+    if reason:
+        return reason
+    if s.precision not in backend.precisions:
+        return f"{s.backend} has no {s.precision}"
+    if s.backend == "torch-compile" and not ctx.plan.compile:
+        return "torch.compile is off in this mode (minutes per compile on 2 cores): the full run, --compile, or BSLDM_BENCH_COMPILE=1 for pytest"
+    model = ctx.model(s.config, s.resolution)
+    config = model.config
+    p = ctx.cached((s.backend, s.precision), lambda: backend.build(ctx, model, s.precision))
+    return backend, p, config, STAGES[s.stage](s, ctx, p, config)
+
+
+def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | str:
+    """Measure one scenario; returns its row, or the reason it was skipped."""
+    ready = prepare(s, ctx, table)
+    if isinstance(ready, str):
+        return ready
+    backend, p, config, prepared = ready
+    plan = ctx.plan
+    warmup, repeats = (plan.heavy_warmup, plan.heavy_repeats) if s.heavy else (1, plan.repeats)
+    note = "; ".join(x for x in (backend.note if s.stage in ("unet-step", "end-to-end") else "",
+                                 prepared.note) if x)
+    compile_s = None
+    if s.backend == "torch-compile" or s.backend == "tensorrt":
+        start = time.perf_counter()
+        prepared.fn()
+        compile_s = time.perf_counter() - start
+        warmup = max(warmup - 1, 0)
+    if isinstance(p, OriginalStyle):
+        return _run_original(s, ctx, p, prepared, warmup, repeats, note)
+    timing = measure(prepared.fn, warmup, repeats, ctx.device)
+    if s.stage == "sampler-step":
+        timing = _per_step(timing, s.steps)
+    if compile_s is not None:
+        compile_s = max(compile_s - timing.median, 0.0)
+    return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, s.steps, timing,
+               prepared.flops, s.config, s.group, note, compile_s)
+
+
+def _per_step(t: Timing, steps: int) -> Timing:
+    return Timing(t.median / steps, t.minimum / steps, t.maximum / steps, t.repeats, t.peak_rss_mib,
+                  t.mem_kind, [x / steps for x in t.times])
+
+
+def _run_original(s: Scenario, ctx: Context, p: OriginalStyle, prepared: Prepared, warmup: int, repeats: int,
+                  note: str) -> Row:
+    """The original-style loop times its own steps; on the CPU the end-to-end row is scaled."""
+    config = ctx.model(s.config, s.resolution).config
+    loops = []
+
+    def once():
+        loops.append(prepared.fn())
+    timing = measure(once, warmup, repeats, ctx.device)
+    loops = loops[warmup:]
+    if s.stage == "sampler-step":
+        steps = [x for step_times in loops for x in step_times]
+        t = _timing_from(steps, timing.peak_rss_mib, timing.mem_kind)
+        return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, s.steps, t,
+                   prepared.flops, s.config, s.group, note)
+    timed = len(loops[0].steps)
+    total = loops[0].total_steps
+    if timed < total:
+        # Each timed step is one sample of the per-step cost; the row is encode + decode + 1000 steps.
+        estimates = sorted(lt.estimate(x) for lt in loops for x in lt.steps)
+        note = f"{note}; timed {timed} of {total} steps x {len(loops)} run(s), scaled to {total}"
+    else:
+        estimates = [lt.estimate() for lt in loops]
+    t = _timing_from(estimates, timing.peak_rss_mib, timing.mem_kind)
+    return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, total, t,
+               prepared.flops, s.config, s.group, note.strip("; "))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def baseline_for(row: Row, rows: list[Row]) -> Row | None:
+    """What a row is compared with: the original-style row of its stage and size where there is one,
+    else torch-eager fp32 at batch 1 (what the original runs)."""
+    same = [r for r in rows if r.stage == row.stage and r.config == row.config
+            and r.resolution == row.resolution and r.group == "stages"]
+    for r in same:
+        if r.backend == "original-style":
+            return r
+    for r in same:
+        if r.backend == "torch-eager" and r.precision == "fp32" and r.batch == 1 and (
+                row.stage not in ("sampler-step",) or r.sampler == row.sampler):
+            return r
+    return None
+
+
+HEADER = (f"{'stage':<12} {'backend':<15} {'prec':<5} {'cfg':<6} {'res':>5} {'batch':>5} {'sampler':<7} "
+          f"{'steps':>5} {'median s':>9} {'spread':>6} {'s/img':>8} {'GFLOP/s':>8} {'of peak':>7} "
+          f"{'mem MiB':>8} {'vs base':>8}")
+
+
+def format_row(row: Row, rows: list[Row], peaks: dict[str, float]) -> str:
+    base = baseline_for(row, rows)
+    ratio = f"{base.per_image / row.per_image:7.1f}x" if base and row.per_image else "       -"
+    peak = peaks.get(row.precision)
+    share = f"{row.rate / peak:7.1%}" if peak and row.rate else "      -"
+    extra = f"  [compile {row.compile_s:.0f} s]" if row.compile_s is not None else ""
+    return (f"{row.stage:<12} {row.backend:<15} {row.precision:<5} {row.config:<6} {row.resolution:>5} "
+            f"{row.batch:>5} {row.sampler:<7} {row.steps:>5} {row.timing.median:>9.4g} "
+            f"{row.timing.spread:>6.1%} {row.per_image:>8.4g} {row.rate / 1e9:>8.1f} {share} "
+            f"{row.timing.peak_rss_mib:>8.0f} {ratio}{extra}")
+
+
+def headline(rows: list[Row], peaks: dict[str, float], config: str = "paper") -> dict:
+    """The issue's targets, reported (never asserted): e2e s/image, speed-up over original-style,
+    the bf16 U-Net step's share of the bf16 matmul rate."""
+    out: dict = {"config": config}
+    e2e = [r for r in rows if r.stage == "end-to-end" and r.config == config and r.group == "stages"]
+    orig = next((r for r in e2e if r.backend == "original-style"), None)
+    fast = [r for r in e2e if r.backend != "original-style" and r.sampler == DEFAULT_SAMPLER
+            and r.steps == DEFAULT_STEPS]
+    if fast:
+        best = min(fast, key=lambda r: r.per_image)
+        out.update(best=f"{best.backend} {best.precision} batch {best.batch}",
+                   e2e_s_per_image=best.per_image, target_e2e_s=20.0)
+        if orig:
+            out.update(original_s_per_image=orig.per_image, speedup_vs_original=orig.per_image / best.per_image,
+                       target_speedup=100.0)
+    low = [r for r in rows if r.stage == "unet-step" and r.config == config and r.group == "stages"
+           and r.precision in ("bf16", "fp16") and r.batch == 1]
+    if low and peaks:
+        best = max(low, key=lambda r: r.rate)
+        out.update(unet_step=f"{best.backend} {best.precision}", unet_step_s=best.timing.median,
+                   unet_fraction_of_peak=best.rate / peaks[best.precision], target_fraction=0.75)
+    return out
+
+
+def plot_scaling(rows: list[Row], path: Path, title: str) -> Path | None:
+    """Time vs resolution, batch and steps, one panel each, written as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("scaling-resolution", "image size (px)", lambda r: r.resolution, "resolution"),
+        ("scaling-batch", "batch", lambda r: r.batch, "batch"),
+        ("scaling-steps", "sampler steps", lambda r: r.steps, "steps"),
+    ]
+    if not any(r.group.startswith("scaling") for r in rows):
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for ax, (group, xlabel, x_of, short) in zip(axes, panels):
+        series = [r for r in rows if r.group == group]
+        for stage in ("unet-step", "end-to-end"):
+            pts = sorted((x_of(r), r.timing.median, r.per_image) for r in series if r.stage == stage)
+            if not pts:
+                continue
+            xs = [p[0] for p in pts]
+            ax.plot(xs, [p[1] for p in pts], "o-", label=f"{stage} (per call)")
+            if group == "scaling-batch":
+                ax.plot(xs, [p[2] for p in pts], "s--", label=f"{stage} (per image)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("seconds")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(f"time vs {short}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer repeats and rows (< 10 min on 2 cores)")
+    mode.add_argument("--smoke", action="store_true", help="the tiny config only, seconds (for tests)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="include torch.compile rows in --quick/--smoke")
+    parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
+    parser.add_argument("--no-scaling", action="store_true", help="skip the scaling series and plot")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--tag", default="", help="appended to the file names, e.g. 'dev'")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    plan = PLANS["smoke" if args.smoke else "quick" if args.quick else "full"]
+    if args.compile:
+        plan = dataclasses.replace(plan, compile=True)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        # On a GPU the original-style loop runs whole.
+        plan = dataclasses.replace(plan, original_steps=0)
+    ctx = Context(device, plan)
+    table = backends(device)
+    info = machine(device)
+    started = time.perf_counter()
+    print(f"bsldm_fast benchmark ({plan.name}) on {info['device']} / {info['processor']}, "
+          f"{info['threads']} threads, torch {info['torch']}", flush=True)
+
+    low = "fp16" if device.type == "cuda" else "bf16"
+    precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
+
+    def peaks_now() -> dict[str, float]:
+        return {p: matmul_peak(PRECISIONS[p], device=device) for p in precisions}
+    # NOTE: measured at the start and again at the end; the best of the two is the ceiling, and a
+    # large difference between them says the machine was busy during the run.
+    peaks_start = peaks_now()
+    print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks_start.items()),
+          flush=True)
+    peaks = dict(peaks_start)
+
+    # The Pipeline's default path here: the first fused step backend present, else unfused.
+    default_backend = next((n for n, b in table.items() if n.startswith("fused-") and b.available(device) is None),
+                           "torch-eager")
+    todo = scenarios(plan, device, default_backend)
+    if args.only:
+        keep = set(args.only.split(","))
+        todo = [s for s in todo if s.stage in keep]
+    if args.no_scaling:
+        todo = [s for s in todo if s.group == "stages"]
+    rows: list[Row] = []
+    skipped: list[dict] = []
+    print(HEADER, flush=True)
+    measured: dict[Scenario, Row] = {}
+    for i, s in enumerate(todo, 1):
+        # A scaling point equal to a stage row is that row, not a second measurement.
+        key = dataclasses.replace(s, group="stages", heavy=False,
+                                  resolution=s.resolution or preset(s.config).image_size)
+        if key in measured:
+            result = dataclasses.replace(measured[key], group=s.group)
+        else:
+            result = run_scenario(s, ctx, table)
+            if isinstance(result, Row):
+                measured[key] = result
+        if isinstance(result, str):
+            skipped.append({**dataclasses.asdict(s), "reason": result})
+            print(f"  skip {s.stage} {s.backend} {s.precision} {s.config} batch {s.batch}: {result}", flush=True)
+            continue
+        rows.append(result)
+        print(f"{format_row(result, rows, peaks)}   ({i}/{len(todo)}, {time.perf_counter() - started:.0f} s)",
+              flush=True)
+
+    peaks_end = peaks_now()
+    peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
+    print("matmul peak at the end: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks_end.items())
+          + " (the table's 'of peak' used the start's; the JSON uses the best of both)", flush=True)
+    wall = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = usage.ru_utime + usage.ru_stime
+    heads = {c: headline(rows, peaks, c) for c in plan.configs}
+    name = machine_slug(info)
+    suffix = f"-{args.tag}" if args.tag else ""
+    path = write_results(rows, peaks, name, args.out, device=device, suffix=suffix,
+                         extra={"mode": plan.name, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
+                                "matmul_peak_start": peaks_start, "matmul_peak_end": peaks_end})
+    title = f"{default_backend} {low}: resolution and batch at {plan.scaling_config} architecture, steps at {plan.steps_config}, {info['device']} / {info['processor']}, {info['date']}"
+    png = plot_scaling(rows, path.with_suffix(".png"), title)
+    print(f"\nheadline: {json.dumps(heads, indent=1)}")
+    print(f"wrote {path}" + (f" and {png.name}" if png else "") + f" in {wall:.0f} s "
+          f"({cpu_s:.0f} CPU-seconds on {info['threads']} threads; far more wall than CPU/threads means a busy machine)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The benchmark machinery on the tiny config: rows carry every field, the JSON has its schema, the
+original-style loop is scaled honestly, and the README summary replaces only its block."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load("run")
+summary = _load("summary")
+
+ROW_FIELDS = {"stage", "backend", "precision", "sampler", "steps", "batch", "resolution", "config", "group",
+              "median", "minimum", "maximum", "spread", "repeats", "times", "per_image_s", "flops",
+              "achieved_flops", "fraction_of_peak", "peak_rss_mib", "mem_kind", "note", "compile_s"}
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    plan = dataclasses.replace(run.PLANS["smoke"], repeats=2, heavy_repeats=2, original_steps=2)
+    ctx = run.Context(torch.device("cpu"), plan)
+    table = run.backends(torch.device("cpu"))
+    S = run.Scenario
+    todo = [S("vq-encode", "torch-eager", "fp32", "tiny"),
+            S("unet-step", "torch-eager", "fp32", "tiny", 2),
+            S("sampler-step", "original-style", "fp32", "tiny", 1, 0, "ddpm", 3),
+            S("sampler-step", "torch-eager", "fp32", "tiny", 1, 0, "dpmpp", 3),
+            S("end-to-end", "original-style", "fp32", "tiny", 1, 0, "ddpm", 1000, heavy=True),
+            S("end-to-end", "torch-eager", "fp32", "tiny", 1, 0, "dpmpp", 3),
+            S("end-to-end", "tensorrt", "fp16", "tiny")]
+    results = [run.run_scenario(s, ctx, table) for s in todo]
+    rows = [r for r in results if isinstance(r, run.Row)]
+    peaks = {"fp32": 1e11, "bf16": 4e11}
+    path = run.write_results(rows, peaks, "test-machine", tmp_path_factory.mktemp("results"),
+                             extra={"mode": "smoke", "headline": {"tiny": run.headline(rows, peaks, "tiny")},
+                                    "skipped": []})
+    return todo, results, rows, peaks, path
+
+
+def test_rows_carry_every_field_and_json_schema(measured):
+    todo, results, rows, peaks, path = measured
+    assert isinstance(results[-1], str) and "CUDA" in results[-1]  # TensorRT is skipped with a reason
+    assert len(rows) == len(todo) - 1
+    payload = json.loads(path.read_text())
+    assert {"machine", "matmul_peak_flops", "rows", "headline", "mode"} <= payload.keys()
+    assert len(payload["rows"]) == len(rows)
+    for row in payload["rows"]:
+        assert ROW_FIELDS <= row.keys(), ROW_FIELDS - row.keys()
+        assert 0 < row["minimum"] <= row["median"] <= row["maximum"]
+        assert row["peak_rss_mib"] > 0
+        assert row["per_image_s"] == pytest.approx(row["median"] / row["batch"])
+        if row["stage"] in ("unet-step", "end-to-end", "vq-encode"):
+            assert row["flops"] > 0
+            assert row["achieved_flops"] == pytest.approx(row["flops"] / row["median"])
+            assert row["fraction_of_peak"] == pytest.approx(row["achieved_flops"] / peaks[row["precision"]])
+
+
+def test_original_style_is_scaled_from_timed_steps(measured):
+    _, _, rows, _, _ = measured
+    orig = next(r for r in rows if r.stage == "end-to-end" and r.backend == "original-style")
+    assert orig.steps == 1000 and "timed 2 of 1000 steps" in orig.note and "scaled" in orig.note
+    # Two runs x two timed steps: four estimates of encode + decode + 1000 steps.
+    assert orig.timing.repeats == 4
+    loop = run.OriginalStyle.__module__  # the module the loop lives in
+    times = sys.modules[loop].LoopTimes(encode=1.0, steps=[0.1, 0.3], decode=2.0, total_steps=1000)
+    assert times.estimate() == pytest.approx(1.0 + 2.0 + 1000 * 0.2)
+    assert times.estimate(0.3) == pytest.approx(303.0)
+    fast = next(r for r in rows if r.stage == "end-to-end" and r.backend == "torch-eager")
+    # 1000 U-Net steps against 3: the baseline must be the slower by far, even on a noisy machine.
+    assert orig.per_image > 10 * fast.per_image
+
+
+def test_registry_covers_stages_sizes_and_batches():
+    full = run.scenarios(run.PLANS["full"], torch.device("cpu"), "fused-cpp")
+    stages = [s for s in full if s.group == "stages"]
+    for config, batch in (("small", 1), ("small", 8), ("paper", 1), ("paper", 2)):
+        assert {s.stage for s in stages if s.config == config and s.batch == batch} == set(run.STAGE_ORDER)
+    assert {s.backend for s in stages} >= {"original-style", "torch-eager", "torch-compile", "fused-cpp", "tensorrt"}
+    for plan in ("quick", "full"):
+        todo = run.scenarios(run.PLANS[plan], torch.device("cpu"), "fused-cpp")
+        assert sorted(s.resolution for s in todo if s.group == "scaling-resolution" and s.stage == "unet-step") == [
+            256, 512, 1024]
+        assert any(s.group == "scaling-batch" for s in todo) and any(s.group == "scaling-steps" for s in todo)
+        assert any(s.config == "paper" and s.batch > 1 for s in todo if s.group == "stages")
+
+
+def test_summary_replaces_only_its_block(measured, tmp_path):
+    *_, path = measured
+    text = summary.markdown(summary.latest(path.parent), config="tiny")
+    assert "original-style" in text and "| torch-eager | fp32 | dpmpp-3 | 1 |" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# title\n\nbefore\n{summary.BEGIN}\nold numbers\n{summary.END}\nafter\n")
+    summary.replace_block(readme, text)
+    out = readme.read_text()
+    assert out.startswith("# title\n\nbefore\n") and out.endswith(f"{summary.END}\nafter\n")
+    assert "old numbers" not in out and text.strip() in out
+    (tmp_path / "plain.md").write_text("no markers\n")
+    with pytest.raises(ValueError, match="perf:begin"):
+        summary.replace_block(tmp_path / "plain.md", text)
