@@ -24,7 +24,7 @@ from .diffusion import SAMPLERS
 from .io.batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
 from .io.dicom import Provenance
 from .io.intensity import from_unit, to_unit
-from .pipeline import DEFAULT_STEPS, PRECISIONS, Pipeline
+from .pipeline import DEFAULT_STEPS, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +55,18 @@ class Suppressor:
 
     >>> s = Suppressor.from_pretrained("path/to/model")      # doctest: +SKIP
     >>> soft = s(cxr)            # 2-D uint8/uint16/float array -> same shape and dtype
+
+    `backend` picks what runs the networks: 'tensorrt' (cached engines, `bsldm-fast build-engine`),
+    'torch-compile' or 'torch', the first two in the CUDA-graph pipeline (engines/gpu_pipeline.py);
+    'auto' takes TensorRT when it and the engines are there, else torch-compile on CUDA, else the
+    CPU path. On CUDA the first batch compiles (torch-compile: minutes for the paper model) and
+    captures a CUDA graph, which later batches replay; a smaller last batch is padded into it.
     """
 
     def __init__(self, model: modeldir.Model, device: str | torch.device = "auto",
                  sampler: str = "dpmpp", steps: int | None = None, seed: int = 0,
-                 precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False):
+                 precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False,
+                 backend: str = "auto"):
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
         if precision not in PRECISIONS:
@@ -79,16 +86,21 @@ class Suppressor:
         self.seed = int(seed)
         self.batch_size = batch_size
         self.offset_noise = offset_noise
-        self.pipeline = Pipeline(model.config, model.vqgan, model.unet, resolve_device(device), precision)
+        from .engines.gpu_pipeline import build_pipeline
+
+        self.pipeline, self.backend = build_pipeline(
+            model.config, model.vqgan, model.unet, resolve_device(device), precision, backend,
+            model_dir=None if model.is_random else model.source)
+        """What runs the networks: 'tensorrt', 'torch-compile' or 'torch' ('auto' resolved)."""
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
                         sampler: str = "dpmpp", steps: int | None = None, seed: int = 0,
                         precision: str = "fp32", batch_size: int = 4,
-                        offset_noise: bool = False) -> "Suppressor":
+                        offset_noise: bool = False, backend: str = "auto") -> "Suppressor":
         """Load a model directory (or 'random:<config>', an untrained model for demos)."""
         return cls(modeldir.resolve(model_dir), device, sampler, steps, seed, precision,
-                   batch_size, offset_noise)
+                   batch_size, offset_noise, backend)
 
     @property
     def device(self) -> torch.device:

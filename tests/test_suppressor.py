@@ -171,3 +171,83 @@ def test_suppress_dir_with_a_dicom_and_a_bad_file(suppressor, tmp_path):
     assert "random:tiny" in after.SeriesDescription or "tiny" in after.SeriesDescription
     report = json.loads(result.report_path.read_text())
     assert report["provenance"]["steps"] == suppressor.steps and report["counts"]["failed"] == 1
+
+
+# backend= --------------------------------------------------------------------------------------
+
+
+def test_auto_backend_on_the_cpu_is_the_cpu_pipeline(tiny_model):
+    from bsldm_fast.pipeline import Pipeline
+
+    s = Suppressor(tiny_model, device="cpu", steps=2)
+    assert s.backend == "torch" and isinstance(s.pipeline, Pipeline)
+
+
+@pytest.mark.parametrize("backend, error, message", [
+    ("onnx", ValueError, "unknown backend"),
+    ("torch-compile", ValueError, "needs a CUDA device"),
+    ("tensorrt", RuntimeError, "backend 'tensorrt' cannot run"),
+])
+def test_backends_that_cannot_run_on_the_cpu_are_refused(tiny_model, backend, error, message):
+    with pytest.raises(error, match=message):
+        Suppressor(tiny_model, device="cpu", backend=backend)
+
+
+def test_auto_prefers_tensorrt_then_torch_compile_on_cuda():
+    from bsldm_fast.engines.gpu_pipeline import choose_backend
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert choose_backend("auto", cuda, lambda: None) == "tensorrt"
+    assert choose_backend("auto", cuda, lambda: "no engine") == "torch-compile"
+    assert choose_backend("auto", cpu, lambda: None) == "torch"
+    assert choose_backend("torch", cuda, lambda: "no engine") == "torch"
+    assert choose_backend("torch-compile", cuda, lambda: None) == "torch-compile"
+    with pytest.raises(RuntimeError, match="no engine"):
+        choose_backend("tensorrt", cuda, lambda: "no engine")
+
+
+def test_a_missing_or_stale_engine_names_the_build_command(tiny_model, tmp_path):
+    from bsldm_fast.engines.gpu_pipeline import tensorrt_unavailable
+    from bsldm_fast.engines.tensorrt import Target
+    from bsldm_fast.modeldir import save
+
+    save(tmp_path, tiny_model.config, tiny_model.vqgan, tiny_model.unet)
+    target = Target("10.8.0", "NVIDIA H100 80GB HBM3", "9.0")
+    cuda = torch.device("cuda")
+    reason = tensorrt_unavailable(tmp_path, "fp16", cuda, target)
+    assert f"bsldm-fast build-engine {tmp_path} --precision fp16" in reason
+    assert "fp16" in tensorrt_unavailable(tmp_path, "fp32", cuda, target)
+    assert "model directory" in tensorrt_unavailable(None, "fp16", cuda, target)
+    assert "GPU" in tensorrt_unavailable(tmp_path, "fp16", torch.device("cpu"), target)
+    # With the three engines cached, TensorRT can run; with a newer TensorRT they are stale.
+    from bsldm_fast.engines.cache import ensure_engine
+    from bsldm_fast.engines.graphs import GRAPH_NAMES, BatchProfile
+    from bsldm_fast.engines.onnx_export import engine_opset
+    from bsldm_fast.engines.tensorrt import engine_key, onnx_precision
+
+    for graph in GRAPH_NAMES:
+        key = engine_key(tmp_path, tiny_model.config, graph, "fp16", BatchProfile(), target,
+                         engine_opset(onnx_precision(graph, "fp16")))
+        ensure_engine(tmp_path, key, lambda: b"not a real plan")
+    assert tensorrt_unavailable(tmp_path, "fp16", cuda, target) is None
+    newer = Target("10.9.0", target.gpu_name, target.compute_capability)
+    reason = tensorrt_unavailable(tmp_path, "fp16", cuda, newer)
+    assert "stale" in reason and "10.8.0 -> 10.9.0" in reason and "build-engine" in reason
+
+
+def test_cli_backend_flag(tmp_path, capsys):
+    from bsldm_fast.cli import main
+    from bsldm_fast.io import write_image
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    write_image(inputs / "a.png", np.random.default_rng().integers(0, 256, (70, 64), dtype=np.uint8))
+    out = tmp_path / "out"
+    assert main(["suppress", str(inputs), "-o", str(out), "--steps", "2", "--device", "cpu",
+                 "--backend", "torch"]) == 0
+    assert (out / "a.png").is_file()
+    assert "cpu, fp32, torch" in capsys.readouterr().err
+    code = main(["suppress", str(inputs), "-o", str(tmp_path / "out2"), "--device", "cpu",
+                 "--backend", "torch-compile"])
+    assert code == 2
+    assert "needs a CUDA device" in capsys.readouterr().err

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..diffusion import SAMPLERS
+from ..engines.gpu_pipeline import BACKENDS
 from ..io import ImageError, find_images
 from ..io.batch import REPORT_NAME, BatchOptions, check_output_folder, run_batch
 from ..io.images import MAX_PIXELS, MAX_SIDE, MIN_SIDE
@@ -51,6 +52,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
                    help="U-Net precision (default fp32)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`), "
+                        "torch-compile or torch, the first two on CUDA in a CUDA-graph pipeline; auto "
+                        "(default): TensorRT when it and the engines are there, else torch-compile "
+                        "on CUDA, else the CPU path")
     p.add_argument("--offset-noise", action="store_true",
                    help="start from offset noise (eps + 0.1 eps_c, as in training) instead of plain "
                         "Gaussian noise, as the original sampler does")
@@ -70,6 +76,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..engines.cache import EngineError
     from ..modeldir import ModelDirError
     from ..suppressor import Suppressor
 
@@ -86,15 +93,17 @@ def run(args: argparse.Namespace) -> int:
         suppressor = Suppressor.from_pretrained(
             args.model, device=args.device, sampler=args.sampler, steps=args.steps, seed=args.seed,
             precision=args.precision, offset_noise=args.offset_noise, batch_size=args.batch_size,
+            backend=args.backend,
         )
-    except (ModelDirError, ValueError) as error:
+    except (ModelDirError, EngineError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if suppressor.is_random:
         print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model), file=sys.stderr)
     print(
         f"model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} px), "
-        f"{suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, {args.precision}",
+        f"{suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, {args.precision}, "
+        f"{suppressor.backend}",
         file=sys.stderr,
     )
     options = BatchOptions(overwrite=args.overwrite, skip_existing=args.skip_existing,
