@@ -203,17 +203,24 @@ def _tensorrt_available(device: torch.device) -> str | None:
         import tensorrt  # noqa: F401
     except ImportError:
         return "tensorrt is not installed"
-    try:
-        from bsldm_fast.engines import runner  # noqa: F401
-    except ImportError:
-        return "bsldm_fast.engines has no runner yet (ONNX/TensorRT engines)"
     return None
 
 
-def _tensorrt(ctx: Context, model: Model, precision: str):
-    from bsldm_fast.engines import runner
+def _tensorrt(ctx: Context, model: Model, precision: str) -> Pipeline:
+    """The Pipeline with its networks replaced by TensorRT engines built for a temporary model dir,
+    so that every stage times the engines through the same calls as the other backends."""
+    import tempfile
 
-    return runner.pipeline(model, ctx.device, precision)
+    from bsldm_fast import modeldir
+    from bsldm_fast.engines.tensorrt import build_engines, load_engines
+
+    path = Path(tempfile.mkdtemp(prefix="bsldm-trt-")) / "model"
+    modeldir.save(path, model.config, model.vqgan, model.unet)
+    build_engines(path, precision)
+    engines = load_engines(path, precision, device=ctx.device)
+    p = Pipeline(model.config, model.vqgan, model.unet, ctx.device, "fp32")
+    p.denoiser, p.encode, p.decode = engines.denoiser, engines.vqgan.encode_latent, engines.vqgan.decode
+    return p
 
 
 def _original(ctx: Context, model: Model, precision: str) -> OriginalStyle:

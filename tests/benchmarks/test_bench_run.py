@@ -82,9 +82,6 @@ def test_original_style_is_scaled_from_timed_steps(measured):
     times = sys.modules[loop].LoopTimes(encode=1.0, steps=[0.1, 0.3], decode=2.0, total_steps=1000)
     assert times.estimate() == pytest.approx(1.0 + 2.0 + 1000 * 0.2)
     assert times.estimate(0.3) == pytest.approx(303.0)
-    fast = next(r for r in rows if r.stage == "end-to-end" and r.backend == "torch-eager")
-    # 1000 U-Net steps against 3: the baseline must be the slower by far, even on a noisy machine.
-    assert orig.per_image > 10 * fast.per_image
 
 
 def test_registry_covers_stages_sizes_and_batches():
