@@ -9,9 +9,17 @@ truth are within 0.3 dB and 0.5 BSR points (0.005) of DDPM-1000's (better counts
     python benchmarks/quality_study.py --model MODEL_DIR [--count 50] [--out benchmarks/results]
     python benchmarks/quality_study.py --model random:tiny --quick --out /tmp/qs    # a smoke run
 
-Writes, under --out: quality-<model>.csv (one row per configuration and phantom),
-quality-<model>-summary.csv (means per configuration) and quality-<model>.png (metric versus U-Net
-evaluations). Uses the library's public API only (modeldir, Pipeline.run, metrics, phantoms).
+    # on a small CPU: two shards of the phantoms in parallel, then merge their rows
+    python benchmarks/quality_study.py --model demo --grid reduced --count 25 --name a --threads 1 &
+    python benchmarks/quality_study.py --model demo --grid reduced --count 25 --first-seed 1000025 \
+        --name b --threads 1 &
+    wait; python benchmarks/quality_study.py --model demo --merge OUT/quality-a.csv OUT/quality-b.csv \
+        --name demo-DATE
+
+Writes, under --out: quality-<name>.csv (one row per configuration and phantom),
+quality-<name>-summary.csv (means per configuration) and quality-<name>.png (metric versus U-Net
+evaluations); <name> defaults to the model directory's name. Uses the library's public API only
+(modeldir, Pipeline.run, metrics, phantoms).
 """
 
 from __future__ import annotations
@@ -65,17 +73,32 @@ REFERENCE = Config("ddpm", 1000, clip=True, offset=True)
 """The paper's sampler: 1000 ancestral steps, dynamic clipping, offset-noise start."""
 
 
-def configurations(quick: bool) -> list[Config]:
-    """The reference first, then every sampler x steps x clipping x offset-noise combination."""
-    if quick:
-        grid = [("ddpm", 20), ("ddim", 10), ("dpmpp", 10)]
-        variants = [(True, True), (False, False)]
+GRIDS = ("full", "reduced", "quick")
+
+
+def configurations(grid_name: str) -> list[Config]:
+    """The reference first, then sampler x steps x clipping x offset-noise combinations.
+
+    'full': DDPM at 10..250 steps, DDIM and DPM-Solver++ at 10/20/50, all four clip/offset variants.
+    'reduced' (what a 2-core CPU finishes in well under an hour for 50 phantoms): DDIM and
+    DPM-Solver++ at 10/20/50 with all four variants, DDPM at 50 and 100 with clipping and offset
+    noise on and off together. 'quick': a smoke run."""
+    every = [(clip, offset) for clip in (True, False) for offset in (True, False)]
+    if grid_name == "quick":
+        plan = [(("ddpm", 20), ("ddim", 10), ("dpmpp", 10)), ((True, True), (False, False))]
+        plans = [plan]
+    elif grid_name == "reduced":
+        plans = [([(n, s) for n in ("ddim", "dpmpp") for s in (10, 20, 50)], every),
+                 ([("ddpm", 50), ("ddpm", 100)], [(True, True), (False, False)])]
+    elif grid_name == "full":
+        plans = [([("ddpm", s) for s in (10, 20, 50, 100, 250)]
+                  + [(n, s) for n in ("ddim", "dpmpp") for s in (10, 20, 50)], every)]
     else:
-        grid = [("ddpm", s) for s in (10, 20, 50, 100, 250)]
-        grid += [(name, s) for name in ("ddim", "dpmpp") for s in (10, 20, 50)]
-        variants = [(clip, offset) for clip in (True, False) for offset in (True, False)]
+        raise ValueError(f"unknown grid {grid_name!r}; choose one of {GRIDS}")
     configs = [REFERENCE]
-    configs += [Config(name, steps, clip, offset) for name, steps in grid for clip, offset in variants]
+    for grid, variants in plans:
+        configs += [Config(name, steps, clip, offset) for name, steps in grid
+                    for clip, offset in variants]
     return configs
 
 
@@ -134,6 +157,10 @@ def recommend(summary: list[dict]) -> dict | None:
     return min(ok, key=lambda s: (s["nfe"], -s["psnr"])) if ok else None
 
 
+def _short(config: Config) -> str:
+    return (f"{config.sampler}{'' if config.clip else ' noclip'}{' offset' if config.offset else ''}")
+
+
 def plot(summary: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -144,7 +171,7 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
     identity = next((s for s in summary if s["config"] is None), None)
     panels = [("psnr", "PSNR vs truth (dB)"), ("bsr", "BSR vs truth"), ("ssim", "SSIM vs truth"),
               ("psnr_ref", "PSNR vs DDPM-1000 (dB)")]
-    fig, axes = plt.subplots(1, 4, figsize=(17, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(17, 5.2))
     markers = {"ddpm": "o", "ddim": "s", "dpmpp": "^"}
     groups: dict[tuple, list[dict]] = {}
     for s in summary:
@@ -165,56 +192,77 @@ def plot(summary: list[dict], path: Path, title: str) -> None:
                 ax.axhspan(ref[key] - tol, ref[key] + tol, color="k", alpha=0.08)
             if identity is not None:
                 ax.axhline(identity[key], color="r", linewidth=1, linestyle=":", label="identity (CXR)")
+        zoom = {"psnr": 2.0, "bsr": 0.1, "ssim": 0.05}.get(key)
+        if zoom is not None:
+            # Zoom on the reference and the identity: a broken configuration (e.g. no clipping)
+            # would otherwise squash every useful curve into one line.
+            anchors = [ref[key]] + ([identity[key]] if identity is not None else [])
+            values = [s[key] for items in groups.values() for s in items if math.isfinite(s[key])]
+            low = min(anchors) - zoom
+            high = max(anchors + [v for v in values if v >= low]) + zoom / 4
+            ax.set_ylim(low, high)
+            below = sorted({_short(s["config"]) for items in groups.values() for s in items
+                            if s[key] < low})
+            if below:
+                lines = [", ".join(below[i : i + 3]) for i in range(0, len(below), 3)]
+                ax.text(0.02, 0.02, "below the axis:\n" + "\n".join(lines), fontsize=6,
+                        transform=ax.transAxes, va="bottom")
         ax.set_xscale("log")
         ax.set_xlabel("U-Net evaluations per image")
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7, loc="best")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="lower center", ncol=6)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="model directory, or random:tiny|small")
-    parser.add_argument("--count", type=int, default=None, help="held-out phantoms (default 50; 3 with --quick)")
-    parser.add_argument("--first-seed", type=int, default=HELD_OUT_SEED,
-                        help=f"seed of the first phantom (default {HELD_OUT_SEED})")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
-                        help="output folder (default benchmarks/results)")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 3 phantoms, 6 configurations plus the reference")
-    parser.add_argument("--metric-size", type=int, default=metrics.METRIC_SIZE,
-                        help="resolution the metrics are computed at (default 1024, the paper's)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+ROW_HEADER = ["sampler", "steps", "clip", "offset", "nfe", "seed", "bsr", "mse", "psnr", "ssim",
+              "psnr_vs_ddpm1000", "seconds_per_image"]
+METRIC_KEYS = ("bsr", "mse", "psnr", "ssim", "psnr_ref")
 
-    count = args.count or (3 if args.quick else 50)
-    model = modeldir.resolve(args.model)
-    name = Path(model.source).name if not model.is_random else model.source.replace(":", "-")
-    out = Path(args.out)
-    paths = {k: out / f"quality-{name}{'-quick' if args.quick else ''}{suffix}"
-             for k, suffix in (("rows", ".csv"), ("summary", "-summary.csv"), ("plot", ".png"))}
-    existing = [p for p in paths.values() if p.exists()]
-    if existing and not args.overwrite:
-        print(f"error: {existing[0]} exists (use --overwrite to replace the results)", file=sys.stderr)
-        return 2
-    out.mkdir(parents=True, exist_ok=True)
-    if model.is_random:
-        print(f"WARNING: {args.model} is untrained; the numbers only exercise the study.", file=sys.stderr)
 
+def _row_config(row: dict) -> Config | None:
+    if row["sampler"] == "identity":
+        return None
+    return Config(row["sampler"], int(row["steps"]), bool(int(row["clip"])), bool(int(row["offset"])))
+
+
+def summarize(rows: list[list]) -> list[dict]:
+    """Means per configuration over the phantoms, in the order the configurations first appear."""
+    groups: dict[Config | None, list[dict]] = {}
+    for values in rows:
+        row = dict(zip(ROW_HEADER, values))
+        groups.setdefault(_row_config(row), []).append(row)
+    summary = []
+    for config, items in groups.items():
+        def col(name: str) -> list[float]:
+            return [float(r[name]) for r in items if r[name] not in ("", None)]
+        summary.append({"config": config, "nfe": int(items[0]["nfe"]), "count": len(items),
+                        "seconds": _mean(col("seconds_per_image")),
+                        **{k: _mean(col("psnr_vs_ddpm1000" if k == "psnr_ref" else k))
+                           for k in METRIC_KEYS}})
+    # The identity baseline last, as the sampling run writes it.
+    return sorted(summary, key=lambda s: s["config"] is None)
+
+
+def read_rows(path: Path) -> list[list]:
+    with path.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader)
+        if header != ROW_HEADER:
+            raise ValueError(f"{path}: not a quality-study rows file (header {header})")
+        return [row for row in reader]
+
+
+def sample_rows(args: argparse.Namespace, model: modeldir.Model, rows_path: Path) -> list[list]:
+    """Sample every configuration on the held-out phantoms and score each output. The rows file is
+    rewritten after each configuration, so a run that is cut short leaves what it finished."""
+    count = args.count or (3 if args.grid == "quick" else 50)
     size = model.config.image_size
     seeds = [args.first_seed + i for i in range(count)]
     phantoms = [phantom.generate(seed, size) for seed in tqdm(seeds, desc="phantoms", file=sys.stderr)]
@@ -226,29 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         config = model.config.replace(diffusion=diffusion)
         pipelines[clip] = Pipeline(config, model.vqgan, model.unet, device, args.precision)
 
-    configs = configurations(args.quick)
+    configs = configurations(args.grid)
     batches = math.ceil(count / args.batch_size)
-    rows, summary = [], []
-    header = ["sampler", "steps", "clip", "offset", "nfe", "seed", "bsr", "mse", "psnr", "ssim",
-              "psnr_vs_ddpm1000", "seconds_per_image"]
+    rows: list[list] = []
 
     def score(config: Config | None, preds: np.ndarray, reference: np.ndarray | None,
               nfe: int, seconds: float) -> None:
-        per = {k: [] for k in ("bsr", "mse", "psnr", "ssim", "psnr_ref")}
-        for p, pred, seed in zip(phantoms, preds, seeds):
+        for i, (p, pred, seed) in enumerate(zip(phantoms, preds, seeds)):
             s = metrics.evaluate(pred, p.soft, p.cxr, size=args.metric_size)
             ref_psnr = (float("nan") if reference is None
-                        else metrics.psnr(reference[seeds.index(seed)], pred, size=args.metric_size))
-            for k, v in (("bsr", s.bsr), ("mse", s.mse), ("psnr", s.psnr), ("ssim", s.ssim),
-                         ("psnr_ref", ref_psnr)):
-                per[k].append(v)
-            if config is None:
-                rows.append(["identity", 0, "", "", 0, seed, s.bsr, s.mse, s.psnr, s.ssim, ref_psnr, 0.0])
-            else:
-                rows.append([config.sampler, config.steps, int(config.clip), int(config.offset), nfe,
-                             seed, s.bsr, s.mse, s.psnr, s.ssim, ref_psnr, seconds])
-        summary.append({"config": config, "nfe": nfe, "seconds": seconds,
-                        **{k: _mean(v) for k, v in per.items()}})
+                        else metrics.psnr(reference[i], pred, size=args.metric_size))
+            ident = (["identity", 0, "", ""] if config is None
+                     else [config.sampler, config.steps, int(config.clip), int(config.offset)])
+            rows.append([*ident, nfe, seed, s.bsr, s.mse, s.psnr, s.ssim, ref_psnr, seconds])
 
     bar = tqdm(total=len(configs) * batches, desc="sampling", unit="batch", file=sys.stderr)
     reference = None
@@ -261,18 +299,83 @@ def main(argv: list[str] | None = None) -> int:
         if config == REFERENCE:
             reference = preds
         score(config, preds, reference, nfe, seconds)
+        _write_csv(rows_path, ROW_HEADER, rows)
     bar.close()
     score(None, np.stack([p.cxr for p in phantoms]), reference, 0, 0.0)
+    return rows
 
-    _write_csv(paths["rows"], header, rows)
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True,
+                        help="model directory, 'demo' (the bundled one), or random:tiny|small")
+    parser.add_argument("--count", type=int, default=None, help="held-out phantoms (default 50; 3 with --quick)")
+    parser.add_argument("--first-seed", type=int, default=HELD_OUT_SEED,
+                        help=f"seed of the first phantom (default {HELD_OUT_SEED})")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"),
+                        help="output folder (default benchmarks/results)")
+    parser.add_argument("--name", default=None,
+                        help="output files are quality-<name>*.csv/.png (default: the model's name)")
+    parser.add_argument("--grid", default="full", choices=GRIDS,
+                        help="configurations to run (default full; see configurations())")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: --grid quick, 3 phantoms, 6 configurations plus the reference")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="ROWS_CSV",
+                        help="sample nothing: merge the rows files of earlier runs (e.g. shards of the "
+                             "phantoms) and write the summary, plot and recommendation")
+    parser.add_argument("--metric-size", type=int, default=metrics.METRIC_SIZE,
+                        help="resolution the metrics are computed at (default 1024, the paper's)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is fastest on a busy machine)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.grid = "quick"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    model = modeldir.resolve(args.model)
+    name = args.name or (Path(model.source).name if not model.is_random
+                         else model.source.replace(":", "-"))
+    out = Path(args.out)
+    paths = {k: out / f"quality-{name}{'-quick' if args.grid == 'quick' else ''}{suffix}"
+             for k, suffix in (("rows", ".csv"), ("summary", "-summary.csv"), ("plot", ".png"))}
+    if args.merge:
+        sources = [Path(m).resolve() for m in args.merge]
+        paths = {k: p for k, p in paths.items() if not (k == "rows" and p.resolve() in sources)}
+    existing = [p for p in paths.values() if p.exists()]
+    if existing and not args.overwrite:
+        print(f"error: {existing[0]} exists (use --overwrite to replace the results)", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    if model.is_random:
+        print(f"WARNING: {args.model} is untrained; the numbers only exercise the study.", file=sys.stderr)
+
+    if args.merge:
+        rows = [row for m in args.merge for row in read_rows(Path(m))]
+    else:
+        rows = sample_rows(args, model, paths["rows"])
+    summary = summarize(rows)
+    if not summary or summary[0]["config"] != REFERENCE:
+        print(f"error: the rows hold no {REFERENCE.label} reference", file=sys.stderr)
+        return 2
+    seeds = sorted({int(r[5]) for r in rows})
+    count = len(seeds)
+
+    if "rows" in paths:
+        _write_csv(paths["rows"], ROW_HEADER, rows)
     summary_rows = []
     for s in summary:
         c = s["config"]
         ident = ["identity", 0, "", ""] if c is None else [c.sampler, c.steps, int(c.clip), int(c.offset)]
-        summary_rows.append([*ident, s["nfe"], s["bsr"], s["mse"], s["psnr"], s["ssim"], s["psnr_ref"],
-                             s["seconds"]])
-    _write_csv(paths["summary"], ["sampler", "steps", "clip", "offset", "nfe", "bsr", "mse", "psnr",
-                                  "ssim", "psnr_vs_ddpm1000", "seconds_per_image"], summary_rows)
+        summary_rows.append([*ident, s["nfe"], s["count"], s["bsr"], s["mse"], s["psnr"], s["ssim"],
+                             s["psnr_ref"], s["seconds"]])
+    _write_csv(paths["summary"], ["sampler", "steps", "clip", "offset", "nfe", "phantoms", "bsr", "mse",
+                                  "psnr", "ssim", "psnr_vs_ddpm1000", "seconds_per_image"], summary_rows)
     plot(summary, paths["plot"], f"{model.source}: {count} held-out phantoms (seeds {seeds[0]}..{seeds[-1]}), "
          f"metrics at {args.metric_size}px")
 
@@ -291,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nrecommended default: {c.label} ({best['nfe']} U-Net evaluations): PSNR "
               f"{best['psnr']:.2f} dB (DDPM-1000 {ref['psnr']:.2f}), BSR {best['bsr']:.4f} "
               f"(DDPM-1000 {ref['bsr']:.4f})")
-    print(f"results: {paths['rows']}, {paths['summary']}, {paths['plot']}")
+    print("results: " + ", ".join(str(p) for p in paths.values()))
     return 0
 
 

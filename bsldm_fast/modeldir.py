@@ -141,9 +141,18 @@ def load(model_dir: str | Path) -> Model:
     return Model(config, vqgan, unet, str(path))
 
 
+DEMO_NAME = "demo"
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo_model"
+"""The bundled demonstration model (trained on synthetic phantoms; see its README.md)."""
+
+
 def resolve(spec: str | Path) -> Model:
-    """A model from a directory, or an untrained one from 'random:<config>' (e.g. 'random:tiny')."""
+    """A model from a directory, 'demo' (the bundled phantom-trained demo) or an untrained one from
+    'random:<config>' (e.g. 'random:tiny')."""
     text = str(spec)
     if text.startswith("random:"):
         return random_model(text.split(":", 1)[1])
+    # A directory named 'demo' in the working directory wins: the user's data comes first.
+    if text == DEMO_NAME and not Path(text).is_dir():
+        return load(DEMO_DIR)
     return load(text)
