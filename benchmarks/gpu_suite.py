@@ -44,15 +44,15 @@ from bsldm_fast import _ext, kernels  # noqa: E402
 from bsldm_fast.engines.gpu_pipeline import GraphPipeline  # noqa: E402
 from bsldm_fast.engines.runners import TorchRunner  # noqa: E402
 from bsldm_fast.modeldir import random_model  # noqa: E402
-from bsldm_fast.pipeline import DEFAULT_STEPS, PRECISIONS, Pipeline  # noqa: E402
+from bsldm_fast.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, Pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLES = ROOT / "assets" / "szch_samples" / "cxr"
 TARGET_E2E_S = 0.025
 TARGET_PEAK_MIB = 4096
 TARGET_PSNR_DB = 45.0
-SAMPLER = "dpmpp"
-"""The default few-step sampler (DPM-Solver++(2M), `pipeline.DEFAULT_STEPS` steps)."""
+SAMPLER = DEFAULT_SAMPLER
+"""The default few-step sampler (`pipeline.DEFAULT_SAMPLER`, `pipeline.DEFAULT_STEPS` steps)."""
 
 
 class Skip(Exception):

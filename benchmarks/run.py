@@ -34,12 +34,13 @@ from timing import (Row, Timing, machine, machine_slug, matmul_peak, measure, un
 
 from bsldm_fast.config import ModelConfig, preset  # noqa: E402
 from bsldm_fast.modeldir import Model, random_model  # noqa: E402
-from bsldm_fast.pipeline import PRECISIONS, Pipeline  # noqa: E402
+from bsldm_fast.pipeline import DEFAULT_SAMPLER, PRECISIONS, Pipeline  # noqa: E402
+from bsldm_fast.pipeline import DEFAULT_STEPS as PIPELINE_STEPS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_ORDER = ("vq-encode", "unet-step", "sampler-step", "vq-decode", "end-to-end")
-DEFAULT_SAMPLER, DEFAULT_STEPS = "dpmpp", 20
-"""The few-step sampler the targets are stated for (the Pipeline's default)."""
+DEFAULT_STEPS = PIPELINE_STEPS[DEFAULT_SAMPLER]
+"""The few-step sampler the targets are stated for: the Pipeline's default."""
 SAMPLER_STEP_FLOPS = {"ddpm": 12, "ddim": 10, "dpmpp": 12, "original": 12}
 """Element-wise FLOPs per latent element of one sampler update, by formula (x0, clip, update, noise):
 the step is memory-bound, so its rate is far below any matmul peak by nature."""

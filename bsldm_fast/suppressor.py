@@ -24,7 +24,7 @@ from .diffusion import SAMPLERS
 from .io.batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
 from .io.dicom import Provenance
 from .io.intensity import from_unit, to_unit
-from .pipeline import DEFAULT_STEPS, PRECISIONS
+from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ class Suppressor:
     """
 
     def __init__(self, model: modeldir.Model, device: str | torch.device = "auto",
-                 sampler: str = "dpmpp", steps: int | None = None, seed: int = 0,
+                 sampler: str = DEFAULT_SAMPLER, steps: int | None = None, seed: int = 0,
                  precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False,
                  backend: str = "auto"):
         if sampler not in SAMPLERS:
@@ -95,7 +95,7 @@ class Suppressor:
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",
-                        sampler: str = "dpmpp", steps: int | None = None, seed: int = 0,
+                        sampler: str = DEFAULT_SAMPLER, steps: int | None = None, seed: int = 0,
                         precision: str = "fp32", batch_size: int = 4,
                         offset_noise: bool = False, backend: str = "auto") -> "Suppressor":
         """Load a model directory (or 'random:<config>', an untrained model for demos)."""

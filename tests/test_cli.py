@@ -22,8 +22,8 @@ def inputs(tmp_path):
 def test_suppress_a_folder(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["suppress", str(inputs), "-o", str(out), "--steps", "3"]) == 0
-    err = capsys.readouterr().err
-    assert "untrained" in err and "wrote 3 of 3" in err
+    err = capsys.readouterr().err  # no --model: the bundled demo model, said to be a demo
+    assert "demo model" in err and "NOT for clinical use" in err and "wrote 3 of 3" in err
     for rel in ("a.png", "sub/b.png", "sub/c.jpg"):
         src, dst = read_image(inputs / rel), read_image(out / rel)
         assert dst.shape == src.shape and dst.dtype == src.dtype
@@ -32,16 +32,19 @@ def test_suppress_a_folder(inputs, tmp_path, capsys):
 def test_existing_outputs_are_kept(inputs, tmp_path, capsys):
     out = tmp_path / "out"
     write_image(out / "a.png", np.zeros((3, 3), np.uint8))
-    assert main(["suppress", str(inputs / "a.png"), "-o", str(out), "--steps", "2"]) == 1
-    assert "output exists" in capsys.readouterr().err
+    assert main(["suppress", str(inputs / "a.png"), "-o", str(out), "--steps", "2", "--model", "random:tiny"]) == 1
+    err = capsys.readouterr().err
+    assert "output exists" in err and "untrained" in err
     assert read_image(out / "a.png").shape == (3, 3)
-    assert main(["suppress", str(inputs / "a.png"), "-o", str(out), "--steps", "2", "--overwrite"]) == 0
+    assert main(["suppress", str(inputs / "a.png"), "-o", str(out), "--steps", "2", "--overwrite",
+                 "--model", "random:tiny"]) == 0
     assert read_image(out / "a.png").shape == (70, 60)
 
 
 def test_inputs_are_never_overwritten(inputs, capsys):
     before = (inputs / "a.png").read_bytes()
-    assert main(["suppress", str(inputs / "a.png"), "-o", str(inputs), "--overwrite", "--steps", "2"]) == 1
+    assert main(["suppress", str(inputs / "a.png"), "-o", str(inputs), "--overwrite", "--steps", "2",
+                 "--model", "random:tiny"]) == 1
     assert "overwrite an input" in capsys.readouterr().err
     assert (inputs / "a.png").read_bytes() == before
 

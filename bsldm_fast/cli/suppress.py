@@ -12,11 +12,18 @@ from ..engines.gpu_pipeline import BACKENDS
 from ..io import ImageError, find_images
 from ..io.batch import REPORT_NAME, BatchOptions, check_output_folder, run_batch
 from ..io.images import MAX_PIXELS, MAX_SIDE, MIN_SIDE
-from ..pipeline import DEFAULT_STEPS, PRECISIONS
+from ..modeldir import DEMO_DIR
+from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "random:tiny"
+DEFAULT_MODEL = "demo"
+
+DEMO_MODEL_NOTE = (
+    "NOTE: the bundled demo model was trained on synthetic phantoms only. It shows the engine "
+    "working; it is NOT for clinical use. See bsldm_fast/assets/demo_model/README.md for how to "
+    "get real weights."
+)
 
 RANDOM_MODEL_WARNING = (
     "WARNING: using an untrained, randomly initialised '{name}' model ({spec}). Its output is NOT "
@@ -40,18 +47,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model directory (config.json + safetensors), or random:tiny|small|paper "
-                        f"for an untrained model (default: {DEFAULT_MODEL})")
-    p.add_argument("--sampler", default="dpmpp", choices=SAMPLERS,
-                   help="ddpm (the paper's ancestral sampler), ddim, or dpmpp (DPM-Solver++(2M)); "
-                        "default: dpmpp")
+                   help="model directory (config.json + safetensors); 'demo', the bundled model "
+                        "trained on synthetic phantoms (a demonstration, not for clinical use); or "
+                        f"random:tiny|small|paper for an untrained model (default: {DEFAULT_MODEL})")
+    p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
+                   help="ddpm (the paper's ancestral sampler; with --steps 1000 the original loop), "
+                        "ddim, or dpmpp (DPM-Solver++(2M)); default: " + DEFAULT_SAMPLER)
     p.add_argument("--steps", type=int, default=None,
                    help="denoising steps (default: " +
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                   help="U-Net precision (default fp32)")
+                   help="network precision (default fp32). On the CPU only the U-Net changes; the GPU "
+                        "pipeline runs all three networks in it (GroupNorm stays float32)")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`), "
                         "torch-compile or torch, the first two on CUDA in a CUDA-graph pipeline; auto "
@@ -100,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if suppressor.is_random:
         print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model), file=sys.stderr)
+    elif Path(suppressor.source).resolve() == DEMO_DIR:
+        print(DEMO_MODEL_NOTE, file=sys.stderr)
     print(
         f"model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} px), "
         f"{suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, {args.precision}, "

@@ -28,7 +28,7 @@ from ..config import ModelConfig
 from ..diffusion import SAMPLERS, Schedule, spaced_timesteps
 from ..diffusion.noise import seed_tensor
 from ..kernels.sampling import ddim_plan, ddpm_plan, dpmpp_plan
-from ..pipeline import DEFAULT_STEPS
+from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS
 from .runners import Runner
 
 logger = logging.getLogger(__name__)
@@ -153,7 +153,7 @@ class GraphPipeline:
         self.schedule = Schedule.from_config(config.diffusion)
         self.programs: dict[ProgramKey, Program] = {}
 
-    def program(self, batch: int, sampler: str = "dpmpp", steps: int | None = None,
+    def program(self, batch: int, sampler: str = DEFAULT_SAMPLER, steps: int | None = None,
                 offset_noise: bool = False) -> Program:
         """The program of this batch shape, built (and captured) on first use."""
         if sampler not in SAMPLERS:
@@ -173,7 +173,7 @@ class GraphPipeline:
         return program
 
     @torch.inference_mode()
-    def run(self, images: torch.Tensor, seeds: Sequence[int], sampler: str = "dpmpp",
+    def run(self, images: torch.Tensor, seeds: Sequence[int], sampler: str = DEFAULT_SAMPLER,
             steps: int | None = None, offset_noise: bool = False,
             progress: Callable[[int], None] | None = None) -> torch.Tensor:
         """CXR images [B, 1, S, S] in [-1, 1] -> soft-tissue images [B, 1, S, S] (unclamped).
