@@ -93,23 +93,38 @@ class Pipeline:
         channels_last = dtype != torch.float32 and self.device.type == "cpu"
         self.vqgan = _on(vqgan, self.device, torch.float32)
         self.unet = _on(unet, self.device, dtype)
+        # At 1024² the VQGAN's encoder and decoder cost more than five U-Net steps each, so in
+        # reduced precision they run in it too; the codebook search stays float32, so near-ties
+        # between codes are decided as in fp32 up to the encoder's rounding.
+        self.vq_dtype = dtype
+        self.vq_encoder, self.vq_decoder = self.vqgan.encoder, self.vqgan.decoder
+        if dtype != torch.float32:
+            self.vq_encoder = _on(self.vqgan.encoder, self.device, dtype)
+            self.vq_decoder = _on(self.vqgan.decoder, self.device, dtype)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.unet = self.unet.to(memory_format=torch.channels_last)
+            self.vq_encoder = self.vq_encoder.to(memory_format=torch.channels_last)
+            self.vq_decoder = self.vq_decoder.to(memory_format=torch.channels_last)
         self.schedule = Schedule.from_config(config.diffusion)
         self.denoiser = LatentDenoiser(self.unet, config, self.schedule, dtype, channels_last)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """CXR images [B, 1, S, S] in [-1, 1] -> quantised latents [B, 4, S/8, S/8]."""
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, self.vq_dtype).contiguous(memory_format=self.memory_format)
+        z = self.vq_encoder(images).float().contiguous()
         if self.step_backend == "reference":
-            return self.vqgan.encode_latent(images)
+            return self.vqgan.quantizer(z)
         codes = self.vqgan.quantizer.embedding.weight
-        return kernels.vq_quantize(self.vqgan.encode(images), codes, backend=self.step_backend)[0]
+        return kernels.vq_quantize(z, codes, backend=self.step_backend)[0]
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vqgan.decode(latents)
+        """Latents -> images [B, 1, S, S], float32; like the original, sampled latents are decoded
+        unquantised."""
+        latents = latents.to(self.vq_dtype).contiguous(memory_format=self.memory_format)
+        return self.vq_decoder(latents).float().contiguous()
 
     @torch.inference_mode()
     def sample_latents(self, cond: torch.Tensor, seeds: Sequence[int], sampler: str = DEFAULT_SAMPLER,

@@ -59,8 +59,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                   help="network precision (default fp32). On the CPU only the U-Net changes; the GPU "
-                        "pipeline runs all three networks in it (GroupNorm stays float32)")
+                   help="precision of the U-Net and the VQGAN's encoder and decoder (default fp32); "
+                        "the codebook search and the sampler state stay float32")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`), "
                         "torch-compile or torch, the first two on CUDA in a CUDA-graph pipeline; auto "
