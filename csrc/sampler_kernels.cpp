@@ -80,38 +80,36 @@ void initial_latent_cpu(float* out, int64_t out_stride, const int64_t* seeds, co
 }
 
 // DDPM and DDIM share the loop: out = mean(x, eps) + noise_std * (z + offset z_c).
-template <class Params, class Mean>
+template <class Params>
 void noisy_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
                     const int64_t* seeds, const Layout& layout, const Params& p,
-                    const StepNoise& noise, Mean mean) {
+                    const StepNoise& noise) {
   const int64_t parallel_min = noise.noise_std == 0.0f ? kParallelMinPlain : kParallelMinNoise;
   for_blocks(layout, parallel_min, [&](int64_t b, int64_t start, int64_t n) {
     const float* xb = x + b * strides.x + start;
     const float* eb = eps + b * strides.eps + start;
     float* ob = out + b * strides.out + start;
     if (noise.noise_std == 0.0f) {
-      for (int64_t i = 0; i < n; ++i) ob[i] = mean(xb[i], eb[i], p);
+      for (int64_t i = 0; i < n; ++i) ob[i] = step_mean(xb[i], eb[i], p);
       return;
     }
     float z[kBlock];
     fill_noise(z, static_cast<uint64_t>(seeds[b]), kStepStream, noise.step, start, n,
                layout.plane, noise.offset);
-    for (int64_t i = 0; i < n; ++i) ob[i] = mean(xb[i], eb[i], p) + noise.noise_std * z[i];
+    for (int64_t i = 0; i < n; ++i) ob[i] = step_mean(xb[i], eb[i], p) + noise.noise_std * z[i];
   });
 }
 
 void ddpm_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
                    const int64_t* seeds, const Layout& layout, const DDPMParams& p,
                    const StepNoise& noise) {
-  noisy_step_cpu(x, eps, out, strides, seeds, layout, p, noise,
-                 [](float xi, float ei, const DDPMParams& q) { return ddpm_mean(xi, ei, q); });
+  noisy_step_cpu(x, eps, out, strides, seeds, layout, p, noise);
 }
 
 void ddim_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
                    const int64_t* seeds, const Layout& layout, const DDIMParams& p,
                    const StepNoise& noise) {
-  noisy_step_cpu(x, eps, out, strides, seeds, layout, p, noise,
-                 [](float xi, float ei, const DDIMParams& q) { return ddim_mean(xi, ei, q); });
+  noisy_step_cpu(x, eps, out, strides, seeds, layout, p, noise);
 }
 
 void dpmpp_2m_step_cpu(const float* x, const float* eps, const float* prev_x0, float* out,

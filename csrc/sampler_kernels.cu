@@ -47,27 +47,14 @@ __global__ void initial_latent_kernel(float* out, int64_t out_stride, const int6
                    static_cast<uint32_t>(i / layout.plane), offset);
 }
 
-__global__ void ddpm_kernel(const float* x, const float* eps, float* out, Strides strides,
-                            const int64_t* seeds, Layout layout, DDPMParams p, StepNoise noise) {
+// DDPM and DDIM: out = mean(x, eps) + noise_std * (z + offset z_c), one thread per element.
+template <class Params>
+__global__ void noisy_step_kernel(const float* x, const float* eps, float* out, Strides strides,
+                                  const int64_t* seeds, Layout layout, Params p, StepNoise noise) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t b = blockIdx.y;
   if (i >= layout.inner) return;
-  float value = ddpm_mean(x[b * strides.x + i], eps[b * strides.eps + i], p);
-  if (noise.noise_std != 0.0f) {
-    value = value + noise.noise_std *
-                        philox_noise(static_cast<uint64_t>(seeds[b]), kStepStream, noise.step,
-                                     static_cast<uint32_t>(i),
-                                     static_cast<uint32_t>(i / layout.plane), noise.offset);
-  }
-  out[b * strides.out + i] = value;
-}
-
-__global__ void ddim_kernel(const float* x, const float* eps, float* out, Strides strides,
-                            const int64_t* seeds, Layout layout, DDIMParams p, StepNoise noise) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t b = blockIdx.y;
-  if (i >= layout.inner) return;
-  float value = ddim_mean(x[b * strides.x + i], eps[b * strides.eps + i], p);
+  float value = step_mean(x[b * strides.x + i], eps[b * strides.eps + i], p);
   if (noise.noise_std != 0.0f) {
     value = value + noise.noise_std *
                         philox_noise(static_cast<uint64_t>(seeds[b]), kStepStream, noise.step,
@@ -144,7 +131,7 @@ void initial_latent_cuda(float* out, int64_t out_stride, const int64_t* seeds,
 void ddpm_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
                     const int64_t* seeds, const Layout& layout, const DDPMParams& p,
                     const StepNoise& noise, void* stream) {
-  ddpm_kernel<<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  noisy_step_kernel<DDPMParams><<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, eps, out, strides, seeds, layout, p, noise);
   check_launch("ddpm_step");
 }
@@ -152,7 +139,7 @@ void ddpm_step_cuda(const float* x, const float* eps, float* out, const Strides&
 void ddim_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
                     const int64_t* seeds, const Layout& layout, const DDIMParams& p,
                     const StepNoise& noise, void* stream) {
-  ddim_kernel<<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+  noisy_step_kernel<DDIMParams><<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, eps, out, strides, seeds, layout, p, noise);
   check_launch("ddim_step");
 }

@@ -65,6 +65,10 @@ BSLDM_HD float ddim_mean(float x, float eps, const DDIMParams& p) {
   return p.x0_coeff * x0 + p.eps_coeff * eps;
 }
 
+// One name for both noisy updates, so that the CPU and CUDA loops are written once for the two.
+BSLDM_HD float step_mean(float x, float eps, const DDPMParams& p) { return ddpm_mean(x, eps, p); }
+BSLDM_HD float step_mean(float x, float eps, const DDIMParams& p) { return ddim_mean(x, eps, p); }
+
 // Returns x_next; stores x0 in *x0_out.
 BSLDM_HD float dpmpp_2m_update(float x, float eps, float prev_x0, const DPMParams& p,
                                float* x0_out) {
