@@ -187,6 +187,7 @@ class Context:
         self.baseline: dict = {}
         self.compiled_runner: TorchRunner | None = None
         self.psnr_demo: dict = {}
+        self.results_path: Path | None = None
         self.left: Callable[[], float] = lambda: math.inf
         """Seconds left in the suite's budget (the suite's clock, set by main)."""
 
@@ -556,8 +557,10 @@ def save(ctx: Context, suite: Suite, env: dict, finished: bool) -> tuple[Path, d
         "copy_bandwidth_bytes_per_s": ctx.bandwidth,
     }
     name = ("gpu-" if device.type == "cuda" else "gpu-dryrun-") + machine_slug(info)
+    # The first save claims a fresh name; later ones rewrite that file.
     path = write_results(ctx.rows, ctx.peaks, name, args.out, extra, device,
-                         suffix="-quick" if args.quick else "")
+                         suffix="-quick" if args.quick else "", path=ctx.results_path)
+    ctx.results_path = path
     if os.environ.get("OUT"):
         shutil.copy(path, Path(os.environ["OUT"]) / path.name)
     return path, tgt

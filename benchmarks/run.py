@@ -3,8 +3,9 @@ measured matmul peak, in one run.
 
     python benchmarks/run.py [--quick | --smoke] [--device cpu|cuda] [--tag dev] [--compile]
 
-Prints a table as it goes and writes benchmarks/results/<machine>-<date>[-<tag>].json and a scaling
-plot (.png) beside it. Weights are random: speed does not depend on them. Rows are a registry of
+Prints a table as it goes and writes benchmarks/results/<machine>-<date>[-quick|-smoke][-<tag>].json
+and a scaling plot (.png) beside it; an earlier result of the same name is kept (the new one gets
+`-2`, `-3`, ...). Weights are random: speed does not depend on them. Rows are a registry of
 `Scenario`s; a new backend or stage only adds entries to `BACKENDS` / `STAGES` / `scenarios()`.
 Backends that are not present here (fused kernels, TensorRT, a GPU) are listed as skipped, with why.
 """
@@ -687,9 +688,10 @@ def main(argv: list[str] | None = None) -> int:
     cpu_s = usage.ru_utime + usage.ru_stime
     heads = {c: headline(rows, peaks, c) for c in plan.configs}
     name = machine_slug(info)
-    suffix = f"-{args.tag}" if args.tag else ""
+    # Only the full run owns the plain name: summary.py prefers it.
+    suffix = ("" if plan.name == "full" else f"-{plan.name}") + (f"-{args.tag}" if args.tag else "")
     path = write_results(rows, peaks, name, args.out, device=device, suffix=suffix,
-                         extra={"mode": plan.name, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
+                         extra={"mode": plan.name, "tag": args.tag, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
                                 "matmul_peak_start": peaks_start, "matmul_peak_end": peaks_end})
     title = f"{default_backend} {low}: resolution and batch at {plan.scaling_config} architecture, steps at {plan.steps_config}, {info['device']} / {info['processor']}, {info['date']}"
     png = plot_scaling(rows, path.with_suffix(".png"), title)

@@ -2,8 +2,8 @@
 
     python benchmarks/summary.py [--results DIR] [--include-tagged] [--replace FILE]
 
-Prints markdown: per machine, end to end at paper size against the original-style loop measured in
-the same run, with the date and the machine. `--replace FILE` rewrites the block between
+Prints markdown: per machine (its newest full run, else its newest quick one), end to end at paper
+size against the original-style loop measured in the same run, with the date and the machine. `--replace FILE` rewrites the block between
 `<!-- perf:begin -->` and `<!-- perf:end -->` in FILE (atomically) instead of printing.
 """
 
@@ -19,15 +19,25 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
-NAME = re.compile(r"^(?P<machine>.+)-(?P<date>\d{4}-\d{2}-\d{2})(?:-(?P<tag>[^.]+))?\.json$")
+NAME = re.compile(r"^(?P<machine>.+?)-(?P<date>\d{4}-\d{2}-\d{2})(?:-(?P<rest>[^.]+))?\.json$")
+MODES = ("quick", "smoke")
+
+
+def _tag(payload: dict, rest: str | None) -> str:
+    """The run's --tag: recorded in the payload; for older files, the name's suffix less the mode
+    and a de-duplicating counter."""
+    if "tag" in payload:
+        return payload["tag"] or ""
+    return "-".join(p for p in (rest or "").split("-") if p and p not in MODES and not p.isdigit())
 
 
 def latest(results: Path, include_tagged: bool = False) -> list[dict]:
-    """The newest run.py result of each machine (files tagged e.g. '-dev' only when asked)."""
-    best: dict[str, tuple[str, dict]] = {}
+    """The best run.py result of each machine: its newest full run, else its newest shorter one
+    (runs with a --tag, e.g. 'dev', only when asked)."""
+    best: dict[str, tuple[tuple, dict]] = {}
     for path in sorted(results.glob("*.json")):
         match = NAME.match(path.name)
-        if not match or (match["tag"] and not include_tagged):
+        if not match:
             continue
         try:
             payload = json.loads(path.read_text())
@@ -35,11 +45,13 @@ def latest(results: Path, include_tagged: bool = False) -> list[dict]:
             continue
         if "headline" not in payload:  # not a run.py result (e.g. an older core benchmark)
             continue
-        stamp = payload["machine"].get("time_utc", match["date"])
+        if _tag(payload, match["rest"]) and not include_tagged:
+            continue
+        rank = (payload.get("mode") == "full", payload["machine"].get("time_utc", match["date"]))
         key = match["machine"]
-        if key not in best or stamp > best[key][0]:
-            best[key] = (stamp, payload)
-    return [payload for _, payload in sorted(best.values(), key=lambda x: x[0])]
+        if key not in best or rank > best[key][0]:
+            best[key] = (rank, payload)
+    return [payload for _, payload in sorted(best.values(), key=lambda x: x[0][1])]
 
 
 def _fmt_s(seconds: float) -> str:

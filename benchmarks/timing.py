@@ -212,18 +212,33 @@ def row_dict(row: Row, peaks: dict[str, float]) -> dict:
 
 
 def write_results(rows: list[Row], peaks: dict[str, float], name: str, out_dir: Path,
-                  extra: dict | None = None, device: torch.device | str = "cpu", suffix: str = "") -> Path:
-    """Write `<name>-<date><suffix>.json` atomically; returns its path."""
+                  extra: dict | None = None, device: torch.device | str = "cpu", suffix: str = "",
+                  path: Path | None = None) -> Path:
+    """Write `<name>-<date><suffix>.json` and return its path. An earlier result is never replaced:
+    when that name is taken the file becomes `...<suffix>-2.json`, `-3`, ... Pass the returned
+    `path` back to rewrite the same run's file (a suite that saves after every part)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine(device)
-    path = out_dir / f"{name}-{info['date']}{suffix}.json"
     payload = {
         "machine": info,
         "matmul_peak_flops": peaks,
         "rows": [row_dict(r, peaks) for r in rows],
         **(extra or {}),
     }
-    tmp = path.with_suffix(".json.tmp")
+    stem = f"{name}-{info['date']}{suffix}"
+    tmp = out_dir / f".{stem}.json.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    if path is not None:
+        tmp.replace(path)
+        return path
+    for n in range(1, 1000):
+        candidate = out_dir / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
+        try:
+            # A hard link claims the name atomically, and only if it is free.
+            os.link(tmp, candidate)
+        except FileExistsError:
+            continue
+        tmp.unlink()
+        return candidate
+    tmp.unlink()
+    raise FileExistsError(f"{out_dir} already holds 999 results named {stem}*.json")

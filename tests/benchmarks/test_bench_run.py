@@ -111,3 +111,30 @@ def test_summary_replaces_only_its_block(measured, tmp_path):
     (tmp_path / "plain.md").write_text("no markers\n")
     with pytest.raises(ValueError, match="perf:begin"):
         summary.replace_block(tmp_path / "plain.md", text)
+
+
+def test_results_are_never_overwritten_and_the_summary_prefers_full_runs(tmp_path, monkeypatch):
+    timing = sys.modules["timing"]
+    clock = iter(f"2026-01-01T00:00:0{i}Z" for i in range(10))
+
+    def machine(device="cpu"):
+        return {"date": "2026-01-01", "time_utc": next(clock), "device": "cpu", "processor": "p"}
+    monkeypatch.setattr(timing, "machine", machine)
+
+    def write(mode, tag="", suffix=""):
+        return timing.write_results([], {}, "box", tmp_path, suffix=suffix,
+                                    extra={"mode": mode, "tag": tag, "headline": {}})
+    full = write("full")
+    again = write("full")
+    quick = write("quick", suffix="-quick")
+    dev = write("full", tag="dev", suffix="-dev")
+    assert [p.name for p in (full, again, quick, dev)] == [
+        "box-2026-01-01.json", "box-2026-01-01-2.json", "box-2026-01-01-quick.json", "box-2026-01-01-dev.json"]
+    assert json.loads(full.read_text())["machine"]["time_utc"].endswith("00Z")  # the first is kept
+    assert not list(tmp_path.glob(".*.tmp"))
+    # The newest full run wins over a newer quick one; tagged runs only when asked.
+    assert [p["machine"]["time_utc"] for p in summary.latest(tmp_path)] == ["2026-01-01T00:00:01Z"]
+    assert [p["tag"] for p in summary.latest(tmp_path, include_tagged=True)] == ["dev"]
+    # The same run may rewrite its own file (the GPU suite saves after every part).
+    assert timing.write_results([], {}, "box", tmp_path, extra={"mode": "x"}, path=full) == full
+    assert json.loads(full.read_text())["mode"] == "x"
