@@ -2,9 +2,10 @@
 
     python benchmarks/summary.py [--results DIR] [--include-tagged] [--replace FILE]
 
-Prints markdown: per machine (its newest full run, else its newest quick one), end to end at paper
-size against the original-style loop measured in the same run, with the date and the machine. `--replace FILE` rewrites the block between
-`<!-- perf:begin -->` and `<!-- perf:end -->` in FILE (atomically) instead of printing.
+Prints markdown: per machine (its newest full run, else its newest quick one; on a GPU the suite of
+gpu_suite.sh), end to end at paper size against the original-style loop measured in the same run,
+with the date and the machine. `--replace FILE` rewrites the block between `<!-- perf:begin -->` and
+`<!-- perf:end -->` in FILE (atomically) instead of printing.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ def _tag(payload: dict, rest: str | None) -> str:
 
 
 def latest(results: Path, include_tagged: bool = False) -> list[dict]:
-    """The best run.py result of each machine: its newest full run, else its newest shorter one
-    (runs with a --tag, e.g. 'dev', only when asked)."""
+    """The best result of each machine (run.py's, or gpu_suite.py's on a GPU): its newest full
+    run, else its newest shorter one (runs with a --tag, e.g. 'dev', only when asked)."""
     best: dict[str, tuple[tuple, dict]] = {}
     for path in sorted(results.glob("*.json")):
         match = NAME.match(path.name)
@@ -43,11 +44,15 @@ def latest(results: Path, include_tagged: bool = False) -> list[dict]:
             payload = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if "headline" not in payload:  # not a run.py result (e.g. an older core benchmark)
+        suite = payload.get("suite")
+        if "headline" not in payload and not suite:  # neither run.py's nor gpu_suite.py's
+            continue
+        if suite and payload["machine"].get("device") == "cpu":  # the GPU suite's dry run
             continue
         if _tag(payload, match["rest"]) and not include_tagged:
             continue
-        rank = (payload.get("mode") == "full", payload["machine"].get("time_utc", match["date"]))
+        mode = payload.get("mode") or (suite or {}).get("mode")
+        rank = (mode == "full", payload["machine"].get("time_utc", match["date"]))
         key = match["machine"]
         if key not in best or rank > best[key][0]:
             best[key] = (rank, payload)
@@ -65,12 +70,15 @@ def machine_section(payload: dict, config: str = "paper") -> str:
     info = payload["machine"]
     where = info["device"] if info["device"] != "cpu" else f"{info['processor']}, {info['threads']} threads, CPU only"
     rows = [r for r in payload["rows"] if r["stage"] == "end-to-end" and r["config"] == config
-            and r["group"] == "stages"]
+            and r["group"] in ("stages", "gpu-suite")]
     orig = next((r for r in rows if r["backend"] == "original-style"), None)
     if not rows:
         return f"**{where}** ({info['date']}): no end-to-end rows at `{config}` size.\n"
     size = rows[0]["resolution"]
-    lines = [f"**{where}**, {info['date']} (`benchmarks/run.py`, {payload.get('mode', '?')} run, torch "
+    script, mode = "run.py", payload.get("mode", "?")
+    if "suite" in payload:
+        script, mode = "gpu_suite.sh", payload["suite"]["mode"]
+    lines = [f"**{where}**, {info['date']} (`benchmarks/{script}`, {mode} run, torch "
              f"{info['torch']}), `{config}` model at {size}², random weights:", "",
              "| path | precision | sampler, steps | batch | s / image | vs original-style |",
              "|---|---|---|---|---|---|"]

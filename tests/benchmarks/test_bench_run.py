@@ -138,3 +138,26 @@ def test_results_are_never_overwritten_and_the_summary_prefers_full_runs(tmp_pat
     # The same run may rewrite its own file (the GPU suite saves after every part).
     assert timing.write_results([], {}, "box", tmp_path, extra={"mode": "x"}, path=full) == full
     assert json.loads(full.read_text())["mode"] == "x"
+
+
+def test_summary_reads_the_gpu_suite_but_not_its_dry_run(tmp_path, monkeypatch):
+    timing = sys.modules["timing"]
+
+    def rows():
+        def row(backend, precision, steps, seconds):
+            t = timing.Timing(seconds, seconds, seconds, 1, 0.0, "none", [seconds])
+            return timing.Row("end-to-end", backend, precision, 1, 1024, "ddpm", steps, t, 1e12, "paper",
+                              "gpu-suite", "eager; 10 steps timed and scaled to 1000" if steps == 1000 else "")
+        return [row("original-style", "fp32", 1000, 80.0), row("torch-compile", "bf16", 10, 0.25)]
+
+    for device, name in (("NVIDIA H100 80GB HBM3", "gpu-h100"), ("cpu", "gpu-dryrun-cpu")):
+        info = {"date": "2026-01-01", "time_utc": "2026-01-01T00:00:00Z", "device": device,
+                "processor": "p", "threads": 16, "torch": "2.11"}
+        monkeypatch.setattr(timing, "machine", lambda device="cpu", info=info: info)
+        timing.write_results(rows(), {}, name, tmp_path, extra={"suite": {"mode": "full"}})
+    payloads = summary.latest(tmp_path)
+    assert [p["machine"]["device"] for p in payloads] == ["NVIDIA H100 80GB HBM3"]
+    text = summary.markdown(payloads)
+    assert "**NVIDIA H100 80GB HBM3**" in text and "`benchmarks/gpu_suite.sh`, full run" in text
+    assert "| torch-compile | bf16 | ddpm-10 | 1 | 0.25 s | 320× |" in text
+    assert "original-style: 10 steps timed and scaled to 1000." in text
