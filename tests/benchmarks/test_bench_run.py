@@ -161,3 +161,13 @@ def test_summary_reads_the_gpu_suite_but_not_its_dry_run(tmp_path, monkeypatch):
     assert "**NVIDIA H100 80GB HBM3**" in text and "`benchmarks/gpu_suite.sh`, full run" in text
     assert "| torch-compile | bf16 | ddpm-10 | 1 | 0.25 s | 320× |" in text
     assert "original-style: 10 steps timed and scaled to 1000." in text
+
+
+def test_the_peak_times_the_same_product_as_a_convolution(gen):
+    """The CPU peak also times `a @ b` as a 1x1 convolution: it must be that product, n^3 FMAs."""
+    timing = sys.modules["timing"]
+    a, b = torch.randn(128, 128, generator=gen), torch.randn(128, 128, generator=gen)
+    out = timing.gemm_as_conv(a, b)()
+    assert out.shape == (1, 128, 2, 64)
+    torch.testing.assert_close(out.permute(0, 2, 3, 1).reshape(128, 128), a @ b, rtol=1e-5, atol=1e-4)
+    assert timing.matmul_peak(torch.float32, sizes=(128,), repeats=2) > 0
