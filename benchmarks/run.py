@@ -3,9 +3,9 @@ measured matmul peak, in one run.
 
     python benchmarks/run.py [--quick | --smoke] [--device cpu|cuda] [--tag dev] [--compile]
 
-Prints a table as it goes and writes benchmarks/results/<machine>-<date>[-quick|-smoke][-<tag>].json
-and a scaling plot (.png) beside it; an earlier result of the same name is kept (the new one gets
-`-2`, `-3`, ...). Weights are random: speed does not depend on them. Rows are a registry of
+Prints a table as it goes and writes a JSON and a scaling plot (.png) beside it:
+benchmarks/results/<machine>-<date>[-quick|-smoke][-partial][-<tag>].json (`-partial`: --only or
+--no-scaling). An earlier result of the same name is kept (the new one gets `-2`, `-3`, ...). Weights are random: speed does not depend on them. Rows are a registry of
 `Scenario`s; a new backend or stage only adds entries to `BACKENDS` / `STAGES` / `scenarios()`.
 Backends that are not present here (fused kernels, TensorRT, a GPU) are listed as skipped, with why.
 """
@@ -163,13 +163,17 @@ def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
     p = Pipeline(model.config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), ctx.device, precision,
                  **_step_kwargs("reference"))
     # Freezing treats the weights as constants, as an inference engine may: inductor then
-    # prepacks them for oneDNN and folds the residual adds into the convolutions (on 2 cores the
-    # paper U-Net step in bf16 goes from 0.59 s to 0.54 s).
-    options = {"freezing": True}
-    p.unet = torch.compile(p.unet, options=options)
+    # prepacks them for oneDNN and folds the residual adds into the convolutions. It is set
+    # globally, not through torch.compile's options, because dynamo reads it while tracing, before
+    # those options apply (on 2 cores the paper U-Net step in bf16 took 0.59 s unfrozen, 0.60 s
+    # through options, 0.54-0.57 s frozen).
+    from torch._inductor import config as inductor_config
+
+    inductor_config.freezing = True
+    p.unet = torch.compile(p.unet)
     p.denoiser.unet = p.unet
-    p.vq_encoder = torch.compile(p.vq_encoder, options=options)
-    p.vq_decoder = torch.compile(p.vq_decoder, options=options)
+    p.vq_encoder = torch.compile(p.vq_encoder)
+    p.vq_decoder = torch.compile(p.vq_decoder)
     return p
 
 
@@ -688,10 +692,11 @@ def main(argv: list[str] | None = None) -> int:
     cpu_s = usage.ru_utime + usage.ru_stime
     heads = {c: headline(rows, peaks, c) for c in plan.configs}
     name = machine_slug(info)
-    # Only the full run owns the plain name: summary.py prefers it.
-    suffix = ("" if plan.name == "full" else f"-{plan.name}") + (f"-{args.tag}" if args.tag else "")
+    # Only a whole full run owns the plain name (summary.py prefers it); --only makes a partial one.
+    mode = plan.name + ("-partial" if args.only or args.no_scaling else "")
+    suffix = ("" if mode == "full" else f"-{mode}") + (f"-{args.tag}" if args.tag else "")
     path = write_results(rows, peaks, name, args.out, device=device, suffix=suffix,
-                         extra={"mode": plan.name, "tag": args.tag, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
+                         extra={"mode": mode, "tag": args.tag, "only": args.only, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
                                 "matmul_peak_start": peaks_start, "matmul_peak_end": peaks_end})
     title = f"{default_backend} {low}: resolution and batch at {plan.scaling_config} architecture, steps at {plan.steps_config}, {info['device']} / {info['processor']}, {info['date']}"
     png = plot_scaling(rows, path.with_suffix(".png"), title)
