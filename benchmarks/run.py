@@ -170,6 +170,10 @@ def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
     from torch._inductor import config as inductor_config
 
     inductor_config.freezing = True
+    # Each compiled pipeline starts from empty dynamo caches, as in a fresh process: after the
+    # small model's compiles, the paper U-Net compiled in the same process ran 0.81 s a step,
+    # against 0.58 s alone.
+    torch._dynamo.reset()
     p.unet = torch.compile(p.unet)
     p.denoiser.unet = p.unet
     p.vq_encoder = torch.compile(p.vq_encoder)
