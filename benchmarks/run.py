@@ -21,6 +21,7 @@ import json
 import resource
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,26 +159,38 @@ def _eager(ctx: Context, model: Model, precision: str) -> Pipeline:
     return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, **_step_kwargs("reference"))
 
 
+class _Frozen:
+    """A torch.compile'd module whose compilation sees inductor's `freezing` set as asked. Set
+    around each call rather than globally, because dynamo reads it while tracing (torch.compile's
+    `options` come too late for that) and because it must differ between modules."""
+
+    def __init__(self, module: torch.nn.Module, freezing: bool):
+        self.compiled = torch.compile(module)
+        self.freezing = freezing
+
+    def __call__(self, *args):
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(freezing=self.freezing):
+            return self.compiled(*args)
+
+
 def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
     # Copies: compiling must not touch the modules the eager rows share.
     p = Pipeline(model.config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), ctx.device, precision,
                  **_step_kwargs("reference"))
-    # Freezing treats the weights as constants, as an inference engine may: inductor then
-    # prepacks them for oneDNN and folds the residual adds into the convolutions. It is set
-    # globally, not through torch.compile's options, because dynamo reads it while tracing, before
-    # those options apply (on 2 cores the paper U-Net step in bf16 took 0.59 s unfrozen, 0.60 s
-    # through options, 0.54-0.57 s frozen).
-    from torch._inductor import config as inductor_config
-
-    inductor_config.freezing = True
     # Each compiled pipeline starts from empty dynamo caches, as in a fresh process: after the
     # small model's compiles, the paper U-Net compiled in the same process ran 0.81 s a step,
     # against 0.58 s alone.
     torch._dynamo.reset()
-    p.unet = torch.compile(p.unet)
+    # The U-Net's weights are frozen, as an inference engine may: inductor then prepacks them for
+    # oneDNN and folds the residual adds into the convolutions (paper U-Net step, bf16, 2 cores:
+    # 0.59 s unfrozen, 0.54-0.58 s frozen). The VQGAN's are not: freezing its strided convolutions
+    # in channels-last at batch 8 trips an inductor layout assertion (torch 2.13).
+    p.unet = _Frozen(p.unet, freezing=True)
     p.denoiser.unet = p.unet
-    p.vq_encoder = torch.compile(p.vq_encoder)
-    p.vq_decoder = torch.compile(p.vq_decoder)
+    p.vq_encoder = _Frozen(p.vq_encoder, freezing=False)
+    p.vq_decoder = _Frozen(p.vq_decoder, freezing=False)
     return p
 
 
@@ -676,7 +689,11 @@ def main(argv: list[str] | None = None) -> int:
         if key in measured:
             result = dataclasses.replace(measured[key], group=s.group)
         else:
-            result = run_scenario(s, ctx, table)
+            try:
+                result = run_scenario(s, ctx, table)
+            except Exception as e:  # noqa: BLE001 - one broken row must not lose the run's others
+                traceback.print_exc()
+                result = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if isinstance(result, Row):
                 measured[key] = result
         if isinstance(result, str):
