@@ -97,6 +97,12 @@ def machine_section(payload: dict, config: str = "paper") -> str:
         lines += ["", f"U-Net step ({head['unet_step']}, batch 1): {_fmt_s(head['unet_step_s'])}, "
                       f"{head['unet_fraction_of_peak']:.0%} of the {prec} matmul rate measured in the same run "
                       f"({peak[prec] / 1e9:.0f} GFLOP/s)."]
+        eager = next((r for r in payload["rows"] if r["stage"] == "unet-step" and r["config"] == config
+                      and r["group"] == "stages" and r["batch"] == 1 and r["precision"] == prec
+                      and r["backend"] == "torch-eager"), None)
+        if eager and not head["unet_step"].startswith("torch-eager"):
+            lines[-1] += (f" Eager, as the Pipeline runs it: {_fmt_s(eager['median'])}, "
+                          f"{eager['fraction_of_peak']:.0%}.")
     return "\n".join(lines) + "\n"
 
 
