@@ -113,55 +113,48 @@ void initial_latent(const at::Tensor& seeds, double offset, at::Tensor& out) {
                             static_cast<float>(offset));
 }
 
-void ddpm_step(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& seeds, int64_t step,
-               double sqrt_ab, double sqrt_1mab, double clip, double x0_coeff, double x_coeff,
-               double noise_std, double offset, at::Tensor& out) {
-  const char* op = "ddpm_step";
+// DDPM and DDIM: the same checks and dispatch; `make_params` runs after the tensor checks, so
+// those errors come first.
+template <class MakeParams>
+void noisy_step(const char* op, const at::Tensor& x, const at::Tensor& eps, const at::Tensor& seeds,
+                int64_t step, double noise_std, double offset, at::Tensor& out, MakeParams make_params) {
   check_batched(op, "x", x, out);
   check_batched(op, "eps", eps, out);
   check_batched(op, "out", out, out);
   check_seeds(op, seeds, out);
   const auto layout = layout_of(op, out);
-  const bsldm::DDPMParams p{float(sqrt_ab), float(sqrt_1mab), clip_value(clip), float(x0_coeff), float(x_coeff)};
+  const auto p = make_params();
   const bsldm::StepNoise noise{check_u32(op, "step", step), float(noise_std), float(offset)};
   if (out.numel() == 0) return;
 #ifdef WITH_CUDA
   if (out.is_cuda()) {
     const c10::cuda::CUDAGuard guard(out.device());
-    bsldm::ddpm_step_cuda(x.data_ptr<float>(), eps.data_ptr<float>(), out.data_ptr<float>(),
-                          strides_of(x, eps, out), seeds.data_ptr<int64_t>(), layout, p, noise,
-                          cuda_stream(out));
+    bsldm::noisy_step_cuda(x.data_ptr<float>(), eps.data_ptr<float>(), out.data_ptr<float>(),
+                           strides_of(x, eps, out), seeds.data_ptr<int64_t>(), layout, p, noise,
+                           cuda_stream(out));
     return;
   }
 #endif
-  bsldm::ddpm_step_cpu(x.data_ptr<float>(), eps.data_ptr<float>(), out.data_ptr<float>(),
-                       strides_of(x, eps, out), seeds.data_ptr<int64_t>(), layout, p, noise);
+  bsldm::noisy_step_cpu(x.data_ptr<float>(), eps.data_ptr<float>(), out.data_ptr<float>(),
+                        strides_of(x, eps, out), seeds.data_ptr<int64_t>(), layout, p, noise);
+}
+
+void ddpm_step(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& seeds, int64_t step,
+               double sqrt_ab, double sqrt_1mab, double clip, double x0_coeff, double x_coeff,
+               double noise_std, double offset, at::Tensor& out) {
+  noisy_step("ddpm_step", x, eps, seeds, step, noise_std, offset, out, [&] {
+    return bsldm::DDPMParams{float(sqrt_ab), float(sqrt_1mab), clip_value(clip), float(x0_coeff),
+                             float(x_coeff)};
+  });
 }
 
 void ddim_step(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& seeds, int64_t step,
                double sqrt_ab, double sqrt_1mab, double clip, double x0_coeff, double eps_coeff,
                double noise_std, double offset, at::Tensor& out) {
-  const char* op = "ddim_step";
-  check_batched(op, "x", x, out);
-  check_batched(op, "eps", eps, out);
-  check_batched(op, "out", out, out);
-  check_seeds(op, seeds, out);
-  const auto layout = layout_of(op, out);
-  const bsldm::DDIMParams p{float(sqrt_ab), float(sqrt_1mab), clip_value(clip), float(x0_coeff),
-                            float(eps_coeff), std::isfinite(clip)};
-  const bsldm::StepNoise noise{check_u32(op, "step", step), float(noise_std), float(offset)};
-  if (out.numel() == 0) return;
-#ifdef WITH_CUDA
-  if (out.is_cuda()) {
-    const c10::cuda::CUDAGuard guard(out.device());
-    bsldm::ddim_step_cuda(x.data_ptr<float>(), eps.data_ptr<float>(), out.data_ptr<float>(),
-                          strides_of(x, eps, out), seeds.data_ptr<int64_t>(), layout, p, noise,
-                          cuda_stream(out));
-    return;
-  }
-#endif
-  bsldm::ddim_step_cpu(x.data_ptr<float>(), eps.data_ptr<float>(), out.data_ptr<float>(),
-                       strides_of(x, eps, out), seeds.data_ptr<int64_t>(), layout, p, noise);
+  noisy_step("ddim_step", x, eps, seeds, step, noise_std, offset, out, [&] {
+    return bsldm::DDIMParams{float(sqrt_ab), float(sqrt_1mab), clip_value(clip), float(x0_coeff),
+                             float(eps_coeff), std::isfinite(clip)};
+  });
 }
 
 void dpmpp_2m_step(const at::Tensor& x, const at::Tensor& eps, const std::optional<at::Tensor>& prev_x0,

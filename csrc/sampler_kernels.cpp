@@ -79,7 +79,6 @@ void initial_latent_cpu(float* out, int64_t out_stride, const int64_t* seeds, co
   });
 }
 
-// DDPM and DDIM share the loop: out = mean(x, eps) + noise_std * (z + offset z_c).
 template <class Params>
 void noisy_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
                     const int64_t* seeds, const Layout& layout, const Params& p,
@@ -100,17 +99,10 @@ void noisy_step_cpu(const float* x, const float* eps, float* out, const Strides&
   });
 }
 
-void ddpm_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
-                   const int64_t* seeds, const Layout& layout, const DDPMParams& p,
-                   const StepNoise& noise) {
-  noisy_step_cpu(x, eps, out, strides, seeds, layout, p, noise);
-}
-
-void ddim_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
-                   const int64_t* seeds, const Layout& layout, const DDIMParams& p,
-                   const StepNoise& noise) {
-  noisy_step_cpu(x, eps, out, strides, seeds, layout, p, noise);
-}
+template void noisy_step_cpu(const float*, const float*, float*, const Strides&, const int64_t*,
+                             const Layout&, const DDPMParams&, const StepNoise&);
+template void noisy_step_cpu(const float*, const float*, float*, const Strides&, const int64_t*,
+                             const Layout&, const DDIMParams&, const StepNoise&);
 
 void dpmpp_2m_step_cpu(const float* x, const float* eps, const float* prev_x0, float* out,
                        float* x0_out, const Strides& strides, const Layout& layout,

@@ -128,21 +128,22 @@ void initial_latent_cuda(float* out, int64_t out_stride, const int64_t* seeds,
   check_launch("initial_latent");
 }
 
-void ddpm_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
-                    const int64_t* seeds, const Layout& layout, const DDPMParams& p,
-                    const StepNoise& noise, void* stream) {
-  noisy_step_kernel<DDPMParams><<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+static const char* step_name(const DDPMParams&) { return "ddpm_step"; }
+static const char* step_name(const DDIMParams&) { return "ddim_step"; }
+
+template <class Params>
+void noisy_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
+                     const int64_t* seeds, const Layout& layout, const Params& p,
+                     const StepNoise& noise, void* stream) {
+  noisy_step_kernel<Params><<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
       x, eps, out, strides, seeds, layout, p, noise);
-  check_launch("ddpm_step");
+  check_launch(step_name(p));
 }
 
-void ddim_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
-                    const int64_t* seeds, const Layout& layout, const DDIMParams& p,
-                    const StepNoise& noise, void* stream) {
-  noisy_step_kernel<DDIMParams><<<grid_for(layout), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      x, eps, out, strides, seeds, layout, p, noise);
-  check_launch("ddim_step");
-}
+template void noisy_step_cuda(const float*, const float*, float*, const Strides&, const int64_t*,
+                              const Layout&, const DDPMParams&, const StepNoise&, void*);
+template void noisy_step_cuda(const float*, const float*, float*, const Strides&, const int64_t*,
+                              const Layout&, const DDIMParams&, const StepNoise&, void*);
 
 void dpmpp_2m_step_cuda(const float* x, const float* eps, const float* prev_x0, float* out,
                         float* x0_out, const Strides& strides, const Layout& layout,

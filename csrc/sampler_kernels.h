@@ -82,12 +82,11 @@ BSLDM_HD float dpmpp_2m_update(float x, float eps, float prev_x0, const DPMParam
 // CPU kernels: OpenMP over samples and blocks of each sample.
 void initial_latent_cpu(float* out, int64_t out_stride, const int64_t* seeds, const Layout& layout,
                         float offset);
-void ddpm_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
-                   const int64_t* seeds, const Layout& layout, const DDPMParams& p,
-                   const StepNoise& noise);
-void ddim_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
-                   const int64_t* seeds, const Layout& layout, const DDIMParams& p,
-                   const StepNoise& noise);
+// DDPM and DDIM (Params: DDPMParams or DDIMParams): out = step_mean(x, eps) + noise_std * (z + offset z_c).
+template <class Params>
+void noisy_step_cpu(const float* x, const float* eps, float* out, const Strides& strides,
+                    const int64_t* seeds, const Layout& layout, const Params& p,
+                    const StepNoise& noise);
 void dpmpp_2m_step_cpu(const float* x, const float* eps, const float* prev_x0, float* out,
                        float* x0_out, const Strides& strides, const Layout& layout,
                        const DPMParams& p);
@@ -107,12 +106,10 @@ void vq_quantize_cpu(const float* z, int64_t z_stride, const float* codes, int64
 // CUDA launchers (sampler_kernels.cu), on `stream` (a cudaStream_t); pointers are device memory.
 void initial_latent_cuda(float* out, int64_t out_stride, const int64_t* seeds,
                          const Layout& layout, float offset, void* stream);
-void ddpm_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
-                    const int64_t* seeds, const Layout& layout, const DDPMParams& p,
-                    const StepNoise& noise, void* stream);
-void ddim_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
-                    const int64_t* seeds, const Layout& layout, const DDIMParams& p,
-                    const StepNoise& noise, void* stream);
+template <class Params>
+void noisy_step_cuda(const float* x, const float* eps, float* out, const Strides& strides,
+                     const int64_t* seeds, const Layout& layout, const Params& p,
+                     const StepNoise& noise, void* stream);
 void dpmpp_2m_step_cuda(const float* x, const float* eps, const float* prev_x0, float* out,
                         float* x0_out, const Strides& strides, const Layout& layout,
                         const DPMParams& p, void* stream);

@@ -57,7 +57,7 @@ void test_ddpm_step_in_place() {
   const bsldm::Strides strides{stride, inner, stride, 0, 0};
   const bsldm::DDPMParams p{0.6f, 0.8f, 1.4f, 0.3f, 0.7f};
   const bsldm::StepNoise noise{9u, 0.2f, 0.1f};
-  bsldm::ddpm_step_cpu(u.data(), eps.data(), u.data(), strides, seeds, layout, p, noise);
+  bsldm::noisy_step_cpu(u.data(), eps.data(), u.data(), strides, seeds, layout, p, noise);
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < inner; ++i) {
       const float x = before[b * stride + i], e = eps[b * inner + i];
