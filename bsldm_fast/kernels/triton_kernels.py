@@ -92,39 +92,26 @@ def _initial_latent_kernel(out_ptr, seeds_ptr, out_stride, inner, plane, offset,
     tl.store(out_ptr + b * out_stride + idx, z, mask=mask)
 
 
-# The step index changes every call: one compiled kernel for all of them.
+# DDPM (out = x0_coeff x0 + coeff x) and DDIM (out = x0_coeff x0 + coeff eps, eps re-derived from
+# the clipped x0 when REDERIVE), each its own specialisation through the DDIM constexpr. The step
+# index changes every call: one compiled kernel for all of them.
 @triton.jit(do_not_specialize=["step"])
-def _ddpm_kernel(x_ptr, eps_ptr, out_ptr, seeds_ptr, x_stride, eps_stride, out_stride, inner, plane,
-                 step, sqrt_ab, sqrt_1mab, clip, x0_coeff, x_coeff, noise_std, offset,
-                 NOISE: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+def _noisy_step_kernel(x_ptr, eps_ptr, out_ptr, seeds_ptr, x_stride, eps_stride, out_stride, inner,
+                       plane, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, noise_std, offset,
+                       DDIM: tl.constexpr, REDERIVE: tl.constexpr, NOISE: tl.constexpr,
+                       OFFSET: tl.constexpr, BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < inner
     x = tl.load(x_ptr + b * x_stride + idx, mask=mask)
     eps = tl.load(eps_ptr + b * eps_stride + idx, mask=mask)
     x0 = _x0(x, eps, sqrt_ab, sqrt_1mab, clip)
-    value = x0_coeff * x0 + x_coeff * x
-    if NOISE:
-        k0, k1 = _key(seeds_ptr, b)
-        value = value + noise_std * _noise(idx, plane, k0, k1, 1, step, offset, OFFSET)
-    tl.store(out_ptr + b * out_stride + idx, value, mask=mask)
-
-
-# The step index changes every call: one compiled kernel for all of them.
-@triton.jit(do_not_specialize=["step"])
-def _ddim_kernel(x_ptr, eps_ptr, out_ptr, seeds_ptr, x_stride, eps_stride, out_stride, inner, plane,
-                 step, sqrt_ab, sqrt_1mab, clip, x0_coeff, eps_coeff, noise_std, offset,
-                 REDERIVE: tl.constexpr, NOISE: tl.constexpr, OFFSET: tl.constexpr,
-                 BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < inner
-    x = tl.load(x_ptr + b * x_stride + idx, mask=mask)
-    eps = tl.load(eps_ptr + b * eps_stride + idx, mask=mask)
-    x0 = _x0(x, eps, sqrt_ab, sqrt_1mab, clip)
-    if REDERIVE:
-        eps = tl.div_rn(x - sqrt_ab * x0, sqrt_1mab)
-    value = x0_coeff * x0 + eps_coeff * eps
+    if DDIM:
+        if REDERIVE:
+            eps = tl.div_rn(x - sqrt_ab * x0, sqrt_1mab)
+        value = x0_coeff * x0 + coeff * eps
+    else:
+        value = x0_coeff * x0 + coeff * x
     if NOISE:
         k0, k1 = _key(seeds_ptr, b)
         value = value + noise_std * _noise(idx, plane, k0, k1, 1, step, offset, OFFSET)
@@ -212,23 +199,26 @@ def initial_latent(seeds, offset, out) -> None:
                                            offset, OFFSET=offset != 0.0, BLOCK=BLOCK)
 
 
+def _noisy_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, noise_std, offset, out,
+                ddim: bool) -> None:
+    if out.numel():
+        _noisy_step_kernel[_grid(out)](
+            x, eps, out, seeds, x.stride(0), eps.stride(0), out.stride(0), out[0].numel(),
+            _plane(out), step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, noise_std, offset,
+            DDIM=ddim, REDERIVE=ddim and not math.isinf(clip), NOISE=noise_std != 0.0,
+            OFFSET=offset != 0.0, BLOCK=BLOCK)
+
+
 def ddpm_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, x_coeff, noise_std, offset,
               out) -> None:
-    if out.numel():
-        _ddpm_kernel[_grid(out)](
-            x, eps, out, seeds, x.stride(0), eps.stride(0), out.stride(0), out[0].numel(),
-            _plane(out), step, sqrt_ab, sqrt_1mab, clip, x0_coeff, x_coeff, noise_std, offset,
-            NOISE=noise_std != 0.0, OFFSET=offset != 0.0, BLOCK=BLOCK)
+    _noisy_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, x_coeff, noise_std, offset, out,
+                ddim=False)
 
 
 def ddim_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, eps_coeff, noise_std, offset,
               out) -> None:
-    if out.numel():
-        _ddim_kernel[_grid(out)](
-            x, eps, out, seeds, x.stride(0), eps.stride(0), out.stride(0), out[0].numel(),
-            _plane(out), step, sqrt_ab, sqrt_1mab, clip, x0_coeff, eps_coeff, noise_std, offset,
-            REDERIVE=not math.isinf(clip), NOISE=noise_std != 0.0, OFFSET=offset != 0.0,
-            BLOCK=BLOCK)
+    _noisy_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, eps_coeff, noise_std, offset, out,
+                ddim=True)
 
 
 def dpmpp_2m_step(x, eps, prev_x0, sqrt_ab, sqrt_1mab, clip, x_coeff, d_coeff, w_cur, w_prev, last,
