@@ -5,20 +5,11 @@
 #include <cstdio>
 #include <vector>
 
+#include "check.h"
 #include "philox.h"
 #include "sampler_kernels.h"
 
 namespace {
-
-int failures = 0;
-
-#define CHECK(cond)                                                                \
-  do {                                                                             \
-    if (!(cond)) {                                                                 \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                  \
-    }                                                                              \
-  } while (0)
 
 void test_philox_known_answers() {
   // Random123's kat_vectors for philox4x32_10.
@@ -107,10 +98,5 @@ int main() {
   test_normals_are_standard();
   test_ddpm_step_in_place();
   test_vq_nearest_code();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::printf("test_kernels: all checks passed\n");
-  return 0;
+  return bsldm_test::report("test_kernels");
 }

@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "check.h"
 #include "schedule.h"
 
 namespace {
@@ -34,16 +35,6 @@ constexpr double kLinearRawBeta500 = 0.010409609609609611;
 constexpr double kLinearRawBeta998 = 0.01998078078078078;
 constexpr double kLinearAlphaBar999 = 2.837011925294064e-05;
 
-int failures = 0;
-
-#define CHECK(cond)                                                                \
-  do {                                                                             \
-    if (!(cond)) {                                                                 \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                                  \
-    }                                                                              \
-  } while (0)
-
 // Compares bit patterns so that a mismatch in the last bit is reported with both values.
 #define CHECK_BITS_EQ(actual, expected)                                                       \
   do {                                                                                        \
@@ -51,7 +42,7 @@ int failures = 0;
     if (std::memcmp(&a_, &e_, sizeof(double)) != 0) {                                         \
       std::fprintf(stderr, "%s:%d: %s = %.17g, expected %.17g\n", __FILE__, __LINE__, #actual, \
                    a_, e_);                                                                   \
-      ++failures;                                                                             \
+      ++bsldm_test::failures;                                                                             \
     }                                                                                         \
   } while (0)
 
@@ -161,10 +152,5 @@ int main() {
   test_cosine();
   test_linear();
   test_invalid_inputs();
-  if (failures != 0) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::puts("test_schedule: all checks passed");
-  return 0;
+  return bsldm_test::report("test_schedule");
 }
