@@ -165,13 +165,13 @@ class _Frozen:
     `options` come too late for that) and because it must differ between modules."""
 
     def __init__(self, module: torch.nn.Module, freezing: bool):
-        self.compiled = torch.compile(module)
-        self.freezing = freezing
-
-    def __call__(self, *args):
         from torch._inductor import config as inductor_config
 
-        with inductor_config.patch(freezing=self.freezing):
+        self.compiled = torch.compile(module)
+        self.patch = functools.partial(inductor_config.patch, freezing=freezing)
+
+    def __call__(self, *args):
+        with self.patch():
             return self.compiled(*args)
 
 

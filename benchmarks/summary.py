@@ -25,8 +25,8 @@ MODES = ("quick", "smoke")
 
 
 def _tag(payload: dict, rest: str | None) -> str:
-    """The run's --tag: recorded in the payload; for older files, the name's suffix less the mode
-    and a de-duplicating counter."""
+    """The run's --tag: recorded in run.py's payloads; for files without one (gpu_suite.py's,
+    older run.py's), the name's suffix less the mode and a de-duplicating counter."""
     if "tag" in payload:
         return payload["tag"] or ""
     return "-".join(p for p in (rest or "").split("-") if p and p not in MODES and not p.isdigit())
