@@ -62,6 +62,10 @@ class TrainConfig:
     """Augmentation: largest relative zoom."""
     intensity_jitter: float = 0.05
     """Augmentation: largest contrast/brightness change (same for both images of a pair)."""
+    crop_size: int = 0
+    """Train on random square crops of this side (pixels at the model's resolution) instead of whole
+    images; 0 = whole images. The networks are convolutional, so patches train the same weights at
+    a fraction of the cost. Validation always uses whole images."""
     workers: int = 2
     """DataLoader worker processes per rank (0 loads in the main process)."""
 

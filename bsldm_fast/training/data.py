@@ -154,12 +154,18 @@ def augment_pair(images: torch.Tensor, generator: torch.Generator, max_rotate: f
     return ((out - 0.5) * contrast + 0.5 + brightness).clamp(0.0, 1.0)
 
 
+def random_crop(images: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """The same random `size` x `size` window of every image of a [..., S, S] stack."""
+    top, left = (torch.randint(0, images.shape[-1] - size + 1, (2,), generator=generator)).tolist()
+    return images[..., top : top + size, left : left + size]
+
+
 class PairedDataset(Dataset):
     """(cxr, bs, index) with images [1, S, S] in [-1, 1]; `epoch` keys the augmentation."""
 
     def __init__(self, data_dir: str | Path, names: list[str], size: int, augment: bool = False,
                  seed: int = 0, max_rotate: float = 5.0, max_translate: float = 0.03,
-                 max_scale: float = 0.05, intensity_jitter: float = 0.05):
+                 max_scale: float = 0.05, intensity_jitter: float = 0.05, crop_size: int = 0):
         if not names:
             raise DataError(f"{data_dir}: the split lists no usable pair")
         self.root = Path(data_dir)
@@ -169,6 +175,9 @@ class PairedDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.aug_args = (max_rotate, max_translate, max_scale, intensity_jitter)
+        if crop_size < 0 or crop_size > size:
+            raise ValueError(f"crop_size must be in [0, {size}] (0: whole images), got {crop_size}")
+        self.crop_size = crop_size
         self.bad: set[int] = set()
 
     def __len__(self) -> int:
@@ -183,6 +192,8 @@ class PairedDataset(Dataset):
                             load_image(self.root / BS_DIR / name, self.size)])
         if self.augment:
             pair = augment_pair(pair, sample_generator(self.seed, 1, self.epoch, index), *self.aug_args)
+        if self.crop_size and self.crop_size < self.size:
+            pair = random_crop(pair, self.crop_size, sample_generator(self.seed, 2, self.epoch, index))
         pair = pair * 2.0 - 1.0
         return pair[0], pair[1]
 

@@ -4,6 +4,7 @@ checkpoints, resume and the final export. One process or many (torchrun), the sa
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import sys
@@ -37,7 +38,7 @@ def _datasets(config: TrainConfig, image_size: int, ctx: distributed.Context, ou
     aug = dict(max_rotate=config.max_rotate, max_translate=config.max_translate,
                max_scale=config.max_scale, intensity_jitter=config.intensity_jitter)
     train = PairedDataset(config.data, read_split(train_file, config.data), image_size,
-                          config.augment, config.seed, **aug)
+                          config.augment, config.seed, crop_size=config.crop_size, **aug)
     val_names = read_split(val_file, config.data)
     val = PairedDataset(config.data, val_names, image_size) if val_names else None
     if config.stage == "vqgan":
@@ -187,8 +188,40 @@ def _train(config: TrainConfig, ctx: distributed.Context) -> Path | None:
     if not ctx.main:
         return None
     path = stage.export(export, overwrite=True)
+    write_training_data(path, config)
     print(f"exported the {config.stage} model to {path}", flush=True)
     return path
+
+
+TRAINING_DATA_FILE = "training_data.json"
+"""Beside an exported model: which real images trained it, so that nobody scores it on them."""
+
+
+def _training_data_of(folder: Path) -> dict[str, Any] | None:
+    for candidate in (folder / TRAINING_DATA_FILE, folder / "model" / TRAINING_DATA_FILE):
+        if candidate.is_file():
+            return json.loads(candidate.read_text())
+    return None
+
+
+def write_training_data(model_dir: Path, config: TrainConfig) -> None:
+    """Record the data of this stage (and, for the LDM, of its VQGAN) in `training_data.json`.
+
+    Real pairs are known when the data folder was written by the data engine (its `engine.json`
+    names them); otherwise the data folder itself is named and `real_pairs` is null (unknown).
+    """
+    engine_file = Path(config.data) / "engine.json"
+    engine = json.loads(engine_file.read_text()) if engine_file.is_file() else None
+    stages = {config.stage: {"data": str(config.data), "engine": engine,
+                             "real_pairs": engine["train"] if engine else None}}
+    if config.stage == "ldm" and config.vqgan:
+        previous = _training_data_of(Path(config.vqgan))
+        stages["vqgan"] = (previous or {}).get("stages", {}).get("vqgan") or {
+            "data": str(config.vqgan), "real_pairs": None}
+    pairs = [s["real_pairs"] for s in stages.values()]
+    record = {"real_pairs": None if any(p is None for p in pairs)
+              else sorted({str(n) for p in pairs for n in p}), "stages": stages}
+    (Path(model_dir) / TRAINING_DATA_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _resume_path(config: TrainConfig, ckpt_dir: Path) -> Path | None:

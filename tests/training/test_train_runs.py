@@ -155,3 +155,40 @@ def test_ddp_on_two_cpu_processes_matches_one(tmp_path, tiny_vqgan_dir):
         if single[key].is_floating_point():
             torch.testing.assert_close(ddp[key], single[key], rtol=0, atol=tolerance, msg=key)
     assert (tmp_path / "ddp" / "model" / "unet.safetensors").is_file()
+
+
+def test_engine_data_trains_on_crops_and_the_export_names_its_real_pairs(tmp_path):
+    """A data-engine folder (engine.json names the real pairs) trained on random crops: both exports
+    record the real pairs in training_data.json, the LDM's with its VQGAN's."""
+    from bsldm_fast.data import engine
+
+    from bsldm_fast.config import preset
+    from bsldm_fast.io import read_image
+
+    real = make_pairs(tmp_path / "real", count=2, size=64)
+    pairs = [tuple(read_image(real / kind / f"{i:03d}.png") / 255.0 for kind in ("CXR", "BS"))
+             for i in range(2)]
+    data = tmp_path / "engine"
+    engine.write_dataset(engine.Engine(pairs, size=64), data, count=6, progress=False)
+    (data / "engine.json").write_text(json.dumps({"train": ["a", "b"]}))
+    model = tmp_path / "tiny64.json"
+    model.write_text(preset("tiny").replace(image_size=64).to_json())
+    main = _train_py().main
+    common = ["--data", str(data), "--model", str(model), "--batch-size", "2",
+              "--workers", "0", "--max-steps", "2", "--val-every", "0", "--no-progress",
+              "--device", "cpu", "--crop-size", "32"]
+    assert main(["vqgan", *common, "--out", str(tmp_path / "vq"), "--perceptual-weights", "random"]) == 0
+    record = json.loads((tmp_path / "vq" / "model" / trainer.TRAINING_DATA_FILE).read_text())
+    assert record["real_pairs"] == ["a", "b"]
+    (data / "engine.json").write_text(json.dumps({"train": ["c"]}))
+    assert main(["ldm", *common, "--out", str(tmp_path / "ldm"), "--vqgan", str(tmp_path / "vq")]) == 0
+    record = json.loads((tmp_path / "ldm" / "model" / trainer.TRAINING_DATA_FILE).read_text())
+    assert record["real_pairs"] == ["a", "b", "c"]
+    assert record["stages"]["vqgan"]["real_pairs"] == ["a", "b"]
+
+
+def test_crop_size_larger_than_the_image_is_refused(pairs):
+    from bsldm_fast.training.data import PairedDataset
+
+    with pytest.raises(ValueError, match="crop_size"):
+        PairedDataset(pairs, ["000.png"], 32, crop_size=33)
