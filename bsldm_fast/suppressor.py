@@ -170,7 +170,7 @@ class Suppressor:
         from . import __version__
 
         return Provenance(model=self.source, sampler=self.sampler, steps=self.steps, seed=self.seed,
-                          version=__version__, untrained=self.is_random)
+                          version=__version__, untrained=self.is_random, name=self.config.name)
 
     def suppress_file(self, source: str | Path, target: str | Path, *, overwrite: bool = False,
                       bone: bool = False, side_by_side: bool = False) -> Outcome:

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..diffusion import SAMPLERS
 from ..engines.gpu_pipeline import BACKENDS
 from ..io import ImageError, find_images
-from ..io.batch import REPORT_NAME, BatchOptions, check_output_folder, run_batch
+from ..io.batch import REPORT_NAME, BatchInterrupted, BatchOptions, prepare_output, run_batch
 from ..io.images import MAX_PIXELS, MAX_SIDE, MIN_SIDE
 from ..modeldir import DEMO_DIR
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
@@ -40,9 +40,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "are searched recursively; each result keeps its relative path, name, format, bit depth, "
         "size and orientation under OUTDIR (a DICOM result is a new derived instance in a new "
         "series). Outputs are written atomically; inputs are never modified; existing outputs are "
-        "kept unless --overwrite. A file that fails is reported and skipped; the exit code is 1 "
-        f"if any failed, and OUTDIR/{REPORT_NAME} lists every failure with its reason. Images "
-        f"must be {MIN_SIDE} to {MAX_SIDE} px a side and at most {MAX_PIXELS / 1e6:.1f} Mpx.",
+        "kept unless --overwrite. OUTDIR is checked and locked before the model loads: a second "
+        "run into the same OUTDIR is refused. A file that fails is reported and skipped; the exit "
+        f"code is 1 if any failed, 2 if nothing could start, 130 on Ctrl-C, and OUTDIR/{REPORT_NAME} "
+        f"lists every input with its outcome. Images must be {MIN_SIDE} to {MAX_SIDE} px a side "
+        f"and at most {MAX_PIXELS / 1e6:.1f} Mpx.",
     )
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -81,56 +83,78 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="also write NAME.review.png: CXR | soft tissue [| bone], 8-bit, for review")
     p.add_argument("--batch-size", type=int, default=4, help="images per model batch (default 4)")
     p.add_argument("--report", default=None, metavar="PATH",
-                   help=f"where to write the JSON report (default: OUTDIR/{REPORT_NAME})")
+                   help=f"where to write the JSON report (default: OUTDIR/{REPORT_NAME}); never an "
+                        "input or inside an input folder; an existing file other than an earlier "
+                        "report is replaced only with --overwrite")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BatchInterrupted as stop:
+        print(stop.result.summary(), file=sys.stderr)
+        where = stop.result.report_path or "not written"
+        print(f"interrupted: outputs written so far are complete; report: {where}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("interrupted before any image was processed; nothing was written", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..engines.cache import EngineError
     from ..modeldir import ModelDirError
     from ..suppressor import Suppressor
 
-    try:  # path problems first, before a model is loaded
-        jobs = find_images(args.inputs)
-        check_output_folder(args.inputs, Path(args.output))
-    except ImageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if not jobs:
-        print("error: no DICOM, PNG, JPEG or TIFF images found in the inputs", file=sys.stderr)
-        return 2
-    try:
-        suppressor = Suppressor.from_pretrained(
-            args.model, device=args.device, sampler=args.sampler, steps=args.steps, seed=args.seed,
-            precision=args.precision, offset_noise=args.offset_noise, batch_size=args.batch_size,
-            backend=args.backend,
-        )
-    except (ModelDirError, EngineError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.offset_noise and suppressor.sampler != "ddpm":
-        print(f"WARNING: --offset-noise with the deterministic '{suppressor.sampler}' sampler degrades "
-              "the result badly (benchmarks/results/quality-demo-*); use it with ddpm only",
-              file=sys.stderr)
-    if suppressor.is_random:
-        print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model), file=sys.stderr)
-    elif Path(suppressor.source).resolve() == DEMO_DIR:
-        print(DEMO_MODEL_NOTE, file=sys.stderr)
-    print(
-        f"model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} px), "
-        f"{suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, {args.precision}, "
-        f"{suppressor.backend}",
-        file=sys.stderr,
-    )
     options = BatchOptions(overwrite=args.overwrite, skip_existing=args.skip_existing,
                            bone=args.bone, side_by_side=args.side_by_side, report=args.report)
-    try:
-        result = run_batch(suppressor.suppress_unit, suppressor.provenance(), args.inputs,
-                           args.output, options, args.batch_size)
+    try:  # path problems first, before a model is loaded
+        jobs = find_images(args.inputs, report_all=True)
+        if not any(job.problem is None for job in jobs):
+            for job in jobs:
+                print(f"{job.source}: {job.problem}", file=sys.stderr)
+            print("error: no DICOM, PNG, JPEG or TIFF images found in the inputs", file=sys.stderr)
+            return 2
+        folder = prepare_output(args.inputs, jobs, Path(args.output), options)
     except ImageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    with folder:  # locked from here until the run ends
+        try:
+            suppressor = Suppressor.from_pretrained(
+                args.model, device=args.device, sampler=args.sampler, steps=args.steps,
+                seed=args.seed, precision=args.precision, offset_noise=args.offset_noise,
+                batch_size=args.batch_size, backend=args.backend,
+            )
+        except (ModelDirError, EngineError, ValueError) as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if args.offset_noise and suppressor.sampler != "ddpm":
+            print(f"WARNING: --offset-noise with the deterministic '{suppressor.sampler}' sampler "
+                  "degrades the result badly (benchmarks/results/quality-demo-*); use it with ddpm "
+                  "only", file=sys.stderr)
+        if suppressor.is_random:
+            print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model),
+                  file=sys.stderr)
+        elif Path(suppressor.source).resolve() == DEMO_DIR:
+            print(DEMO_MODEL_NOTE, file=sys.stderr)
+        print(
+            f"model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} "
+            f"px), {suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, "
+            f"{args.precision}, {suppressor.backend}",
+            file=sys.stderr,
+        )
+        try:
+            result = run_batch(suppressor.suppress_unit, suppressor.provenance(), args.inputs,
+                               args.output, options, args.batch_size, prepared=folder)
+        except ImageError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     print(result.summary(), file=sys.stderr)
+    if result.removed:
+        print(f"removed {len(result.removed)} temporary file(s) left by an earlier, interrupted "
+              "run", file=sys.stderr)
     if result.failed:
         print(f"{len(result.failed)} failed:", file=sys.stderr)
         for outcome in result.failed:

@@ -39,9 +39,15 @@ class Provenance:
     seed: int
     version: str
     untrained: bool = False
+    name: str = ""
+    """The model's name (its config's `name`); results are labelled with it, not with a path."""
 
     def label(self) -> str:
         return f"{self.model}, {self.sampler} {self.steps} steps, seed {self.seed}"
+
+    def model_name(self) -> str:
+        name = self.name or Path(self.model.rstrip("/")).name or self.model
+        return f"untrained {name}" if self.untrained else name
 
 
 @dataclass
@@ -277,6 +283,26 @@ def _uid(*parts: str) -> str:
 
 
 KIND_DESCRIPTIONS = {"soft": "Bone-suppressed", "bone": "Bone image (CXR minus soft tissue)"}
+_SERIES_KINDS = {"soft": "Bone-suppressed", "bone": "Bone image"}
+SERIES_DESCRIPTION_MAX = 64
+"""Series Description is LO: at most 64 characters, no backslash or control characters."""
+
+
+def _ascii(text: str, keep_backslash: bool = False) -> str:
+    """`text` in the DICOM default character repertoire (the output keeps the input's Specific
+    Character Set, which may not cover what a model name or path holds)."""
+    return "".join(c if " " <= c <= "~" and (keep_backslash or c != "\\") else "?" for c in text)
+
+
+def series_description(kind: str, provenance: Provenance) -> str:
+    """'Bone-suppressed (bsldm_fast, NAME)' within LO's 64 characters: the model's name, shortened
+    with '...' when it is too long, never cut in the middle of a path."""
+    head, tail = f"{_SERIES_KINDS[kind]} (bsldm_fast, ", ")"
+    name = _ascii(provenance.model_name())
+    room = SERIES_DESCRIPTION_MAX - len(head) - len(tail)
+    if len(name) > room:
+        name = name[: room - 3] + "..."
+    return head + name + tail
 
 
 def derived_dataset(image: DicomImage, stored_pixels: np.ndarray, kind: str,
@@ -299,13 +325,12 @@ def derived_dataset(image: DicomImage, stored_pixels: np.ndarray, kind: str,
     ds.SeriesInstanceUID = _uid("series", original_series, settings)
     ds.SOPInstanceUID = sop
     ds.ImageType = ["DERIVED", "SECONDARY"]
-    name = "untrained " + provenance.model if provenance.untrained else provenance.model
-    ds.SeriesDescription = f"{KIND_DESCRIPTIONS[kind]} (bsldm_fast, {name})"[:64]
-    ds.DerivationDescription = (
+    ds.SeriesDescription = series_description(kind, provenance)
+    ds.DerivationDescription = _ascii(
         f"{KIND_DESCRIPTIONS[kind]} by bsldm_fast {provenance.version}: BS-LDM bone suppression "
         f"(Sun et al., IEEE JBHI 2025), model {provenance.label()}."
         + (" Untrained random model: not a bone-suppressed image." if provenance.untrained else "")
-        + " Not for clinical use."
+        + " Not for clinical use.", keep_backslash=True
     )[:1024]
     if original_sop and "SOPClassUID" in ds:
         item = Dataset()

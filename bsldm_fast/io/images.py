@@ -8,8 +8,10 @@ temporary file beside the target and renamed (`_files.atomic_write`).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import struct
 import warnings
 from dataclasses import dataclass
@@ -63,18 +65,79 @@ def check_size(path: Path, height: int, width: int, min_side: int = MIN_SIDE) ->
         raise ImageError(f"{path}: image of {width}x{height} px is too large ({LIMIT_TEXT})")
 
 
+def describe_path(path: str | Path) -> str:
+    """What a path that is not a regular file is, in words, found without opening it: 'missing',
+    'a FIFO (named pipe)', 'a broken symbolic link to X', 'a symbolic link to /dev/zero (a
+    character device)', 'a symbolic link loop', 'a folder', ..."""
+    try:
+        link = os.lstat(path)
+    except FileNotFoundError:
+        return "missing"
+    except OSError as error:
+        return f"not accessible ({error.strerror or error})"
+    prefix = ""
+    if stat.S_ISLNK(link.st_mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                return "a symbolic link loop"
+            if error.errno == errno.ENOENT:
+                return f"a broken symbolic link to {target}"
+            return f"a symbolic link to {target} that cannot be followed ({error.strerror})"
+        prefix = f"a symbolic link to {target} ("
+    else:
+        mode = link.st_mode
+    kinds = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"))
+    kind = next((text for test, text in kinds if test(mode)), "not a regular file")
+    return prefix + kind + (")" if prefix else "")
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_head(path: Path, count: int) -> tuple[bytes, int]:
+    """The first `count` bytes and the size of a regular file, which is checked to be one before
+    it is opened: opening a FIFO blocks forever and opening a device can have effects."""
+    try:
+        before = os.stat(path)
+    except OSError as error:
+        raise ImageError(f"{path}: {describe_path(path)}; cannot read it") from error
+    if stat.S_ISDIR(before.st_mode):
+        raise ImageError(f"{path}: is a folder, not an image file")
+    if not stat.S_ISREG(before.st_mode):
+        raise ImageError(f"{path}: {describe_path(path)}, not a regular file; not opened")
+    with open(path, "rb", opener=_nonblocking) as handle:
+        after = os.fstat(handle.fileno())
+        if not stat.S_ISREG(after.st_mode):
+            raise ImageError(f"{path}: changed into something other than a regular file; not read")
+        return handle.read(count), after.st_size
+
+
+def _nonblocking(path: str, flags: int) -> int:
+    # Should the path turn into a FIFO between stat and open, open must not block.
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+
+
 def sniff(path: str | Path) -> str:
     """The file's format from its content: 'PNG', 'JPEG', 'TIFF' or 'DICOM'; ImageError otherwise.
 
-    A format that disagrees with the suffix is read by content, with a warning.
+    Only regular files are opened. A format that disagrees with the suffix is read by content,
+    with a warning.
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if path.is_dir():
-            raise ImageError(f"{path}: is a folder, not an image file")
-        with open(path, "rb") as handle:
-            head = handle.read(132)
+        head, size = _read_head(path, 132)
     except PermissionError as error:
         raise ImageError(f"{path}: permission denied; cannot read it ({error.strerror})") from error
     except OSError as error:
@@ -360,46 +423,88 @@ def write_image(path: str | Path, array: np.ndarray, overwrite: bool = False,
 
 @dataclass(frozen=True)
 class Job:
-    """One input image and where its result goes, relative to the output folder."""
+    """One input image and where its result goes, relative to the output folder.
+
+    An entry that looks like an input but cannot be one (a FIFO named x.png, a dangling link, a
+    link loop) is a Job with `problem` set, so that it is reported rather than dropped; `fatal`
+    says whether it counts as a failure (it has an image suffix or was named explicitly) or only
+    as skipped (a suffix-less entry that could have been a DICOM file).
+    """
 
     source: Path
     relative: Path
+    problem: str | None = None
+    fatal: bool = True
 
 
-def _is_dicom_without_suffix(path: Path) -> bool:
-    if path.suffix or path.name.upper() == "DICOMDIR":
-        return False
+def _dicom_marker(path: Path) -> bool:
+    """True for a regular file with the 'DICM' marker (callers have checked it is regular)."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(132)[128:132] == b"DICM"
-    except OSError:
+        return _read_head(path, 132)[0][128:132] == b"DICM"
+    except (OSError, ImageError):
         return False
 
 
-def _wanted(path: Path) -> bool:
-    # Hidden files (.DS_Store, macOS '._x.png' forks, our own '.x.part' temporaries) are never inputs.
-    if path.name.startswith("."):
-        return False
-    return is_image_path(path) or _is_dicom_without_suffix(path)
+def _entry(path: Path, relative: Path) -> Job | None:
+    """The Job for one folder entry that is not a folder, or None when it is not an input.
+
+    Hidden entries (.DS_Store, macOS '._x.png' forks, our own '.x.part' temporaries) and DICOMDIR
+    are never inputs. Files are taken by suffix, suffix-less files by the DICOM marker; an entry
+    that is not a regular file is never opened, only reported.
+    """
+    name = path.name
+    if name.startswith(".") or name.upper() == "DICOMDIR":
+        return None
+    suffix_less = not path.suffix
+    if not (is_image_path(path) or suffix_less):
+        return None
+    if _is_regular(path):
+        if suffix_less:
+            return Job(path, relative) if _dicom_marker(path) else None
+        return Job(path, relative)
+    what = describe_path(path)
+    if suffix_less:
+        return Job(path, relative, f"{what}; not opened (only regular files are read, and a "
+                                   "suffix-less entry is taken only when it is a DICOM file)",
+                   fatal=False)
+    return Job(path, relative, f"{what}, not a regular file; not opened")
 
 
-def find_images(inputs: list[str | Path]) -> list[Job]:
+def find_images(inputs: list[str | Path], report_all: bool = False) -> list[Job]:
     """Image files among `inputs`; folders are searched recursively, keeping relative paths.
 
     In folders, files with an image suffix and suffix-less DICOM files (with the 'DICM' marker) are
-    taken; hidden files and DICOMDIR are not. A file named explicitly is always taken.
+    taken; hidden files and DICOMDIR are not. A file named explicitly is always taken. Only
+    regular files are ever opened. With `report_all`, every entry that looks like an input but
+    cannot be read as one (a FIFO, socket or device; a dangling link or a link loop; a link to a
+    folder, which is not followed) is returned too, as a Job with `problem` set.
     """
     jobs: list[Job] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = []
+            found: list[Job] = []
             for root, dirs, files in os.walk(item):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]
-                found.extend(Path(root) / name for name in files if _wanted(Path(root) / name))
-            found.sort()
-            jobs.extend(Job(p, p.relative_to(item)) for p in found if p.is_file())
-        elif item.is_file():
+                here = Path(root)
+                if report_all:
+                    for name in dirs:
+                        if not name.startswith(".") and os.path.islink(here / name):
+                            found.append(Job(here / name, (here / name).relative_to(item),
+                                             f"{describe_path(here / name)}; links to folders "
+                                             "are not followed", fatal=False))
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in files:
+                    job = _entry(here / name, (here / name).relative_to(item))
+                    if job is not None and (report_all or job.problem is None):
+                        found.append(job)
+            found.sort(key=lambda job: job.source)
+            jobs.extend(found)
+        elif _is_regular(item):
             jobs.append(Job(item, Path(item.name)))
+        elif os.path.lexists(item):
+            problem = f"{describe_path(item)}, not a regular file; not opened"
+            if not report_all:
+                raise ImageError(f"{item}: {problem}")
+            jobs.append(Job(item, Path(item.name), problem))
         else:
             raise ImageError(f"{item}: no such file or folder")
     return jobs

@@ -146,7 +146,10 @@ def test_result_is_a_derived_instance_and_nothing_else_changes(tmp_path):
     assert (after.StudyInstanceUID, after.PatientID, after.PatientName) == \
         (before.StudyInstanceUID, before.PatientID, before.PatientName)
     assert list(after.ImageType) == ["DERIVED", "SECONDARY"]
-    assert "Bone-suppressed" in after.SeriesDescription and "models/paper" in after.SeriesDescription
+    # the model's name (here the folder's, as PROV gives no config name), the path only in the
+    # Derivation Description
+    assert after.SeriesDescription == "Bone-suppressed (bsldm_fast, paper)"
+    assert "models/paper" in after.DerivationDescription
     assert "Bone image" in bone.SeriesDescription
     assert "dpmpp 20 steps" in after.DerivationDescription
     ref = after.SourceImageSequence[0]
