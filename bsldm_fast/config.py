@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,12 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            # json recurses once per nesting level: a crafted file must not end in a RecursionError
+            raise ValueError("JSON nested too deeply to be a model config") from None
+        return cls.from_dict(data)
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
@@ -160,9 +166,12 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown keys {unknown} (known: {sorted(fields)})")
-    if cls is ModelConfig and data.get("version", CONFIG_VERSION) > CONFIG_VERSION:
+    version = data.get("version", CONFIG_VERSION) if cls is ModelConfig else CONFIG_VERSION
+    if not _is_int(version) or version < 1:
+        raise ValueError(f"{where}.version: expected a positive integer, got {version!r}")
+    if version > CONFIG_VERSION:
         raise ValueError(
-            f"{where}: format version {data['version']} is newer than this bsldm_fast "
+            f"{where}: format version {version} is newer than this bsldm_fast "
             f"understands ({CONFIG_VERSION}); upgrade bsldm_fast"
         )
     kwargs: dict[str, Any] = {}
@@ -178,7 +187,14 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
 
 
 def validate(config: ModelConfig) -> None:
-    """Reject configurations that cannot build a working model, with the reason."""
+    """Reject configurations that cannot build a working model, with the reason.
+
+    A config.json may come from anyone, so every field is checked for its type and against finite
+    bounds (`LIMITS`), then the model's size (parameters, and activation memory for one image)
+    is estimated from the config alone and checked against `MAX_PARAMETERS` and
+    `MAX_ACTIVATION_BYTES`: all before a single tensor is allocated. Each message names the field.
+    """
+    _check_fields(config)
     v, u, d = config.vqgan, config.unet, config.diffusion
     if len(v.res_channels) != len(v.channels):
         raise ValueError("vqgan.res_channels needs one entry per stage in vqgan.channels")
@@ -206,6 +222,298 @@ def validate(config: ModelConfig) -> None:
         raise ValueError(f"unknown beta_schedule {d.beta_schedule!r}")
     if d.condition_scaling not in ("none", "original"):
         raise ValueError(f"unknown condition_scaling {d.condition_scaling!r}")
+    _check_heads(config)
+    _check_size(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds and size estimates: a config.json may come from anyone, and a crafted one must fail with
+# a named field, fast, instead of allocating terabytes or recursing forever.
+
+MAX_PARAMETERS = 2_000_000_000
+"""Most weights (VQGAN + U-Net, buffers included) a config may describe: 8 GB in float32, about
+five times the paper model (0.42 G)."""
+MAX_ACTIVATION_BYTES = 32 * 1024**3
+"""Most activation memory, estimated for one image in float32, a config may need (the paper model:
+0.75 GiB)."""
+
+_ANY_INT = (-(2**31), 2**31 - 1)
+LIMITS: dict[str, tuple[float, float]] = {
+    "image_size": (1, 16384),
+    "name": (0, 256),  # characters
+    "version": (1, CONFIG_VERSION),
+    "vqgan.in_channels": (1, 1),
+    "vqgan.out_channels": (1, 1),
+    "vqgan.channels": (1, 4096),
+    "vqgan.channels#": (1, 8),  # '#': the number of entries
+    "vqgan.res_channels": (1, 4096),
+    "vqgan.res_channels#": (1, 8),
+    "vqgan.num_res_layers": (0, 32),
+    "vqgan.num_embeddings": (1, 65536),
+    "vqgan.embedding_dim": (1, 64),
+    "vqgan.commitment_cost": (0.0, 1e6),
+    "vqgan.ema_decay": (0.0, 1.0),
+    "vqgan.ema_epsilon": (0.0, 1.0),
+    "unet.in_channels": (2, 128),
+    "unet.out_channels": (1, 128),
+    "unet.model_channels": (1, 4096),
+    "unet.channel_mult": (1, 64),
+    "unet.channel_mult#": (1, 8),
+    "unet.num_res_blocks": (1, 64),
+    "unet.attention_resolutions": (1, 65536),
+    "unet.attention_resolutions#": (0, 16),
+    "unet.num_heads": (1, 4096),
+    "unet.num_head_channels": (-1, 4096),
+    "unet.num_heads_upsample": (-1, 4096),
+    "unet.dropout": (0.0, 0.999),
+    "diffusion.num_train_timesteps": (1, 100_000),
+    "diffusion.beta_start": (0.0, 1.0),
+    "diffusion.beta_end": (0.0, 1.0),
+    "diffusion.latent_channels": (1, 64),
+    "diffusion.offset_noise_coefficient": (0.0, 100.0),
+    "diffusion.clip_range_start": (0.0, 1e6),
+    "diffusion.clip_range_rate": (0.0, 1e6),
+}
+"""Inclusive bounds of every numeric field (and of the length of each list, `FIELD#`)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _check_value(where: str, value: Any, kind: type, key: str | None = None) -> None:
+    low, high = LIMITS.get(key or where, _ANY_INT)
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+    elif kind is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {type(value).__name__}")
+        if len(value) > max(high, 64):
+            raise ValueError(f"{where}: string of {len(value)} characters (at most {max(high, 64)})")
+    elif kind is int:
+        if not _is_int(value):
+            raise ValueError(f"{where}: expected an integer, got {value!r:.40}")
+        if not low <= value <= high or (low == -1 and value == 0):
+            raise ValueError(f"{where}: {value} is outside [{low}, {high}]"
+                             + (" (-1 or a positive number)" if low == -1 else ""))
+    elif kind is float:
+        if not _is_number(value):
+            raise ValueError(f"{where}: expected a finite number, got {value!r:.40}")
+        if not low <= value <= high:
+            raise ValueError(f"{where}: {value} is outside [{low}, {high}]")
+
+
+def _check_fields(config: "ModelConfig") -> None:
+    """Types and bounds of every field, named as in config.json (`unet.num_heads`)."""
+    sections = [("", config)] + [(f"{f.name}.", getattr(config, f.name))
+                                 for f in dataclasses.fields(config)
+                                 if dataclasses.is_dataclass(getattr(config, f.name))]
+    for prefix, section in sections:
+        hints = {f.name: f.type for f in dataclasses.fields(section)}
+        for name, hint in hints.items():
+            value = getattr(section, name)
+            where = prefix + name
+            if dataclasses.is_dataclass(value):
+                continue
+            hint = str(hint)
+            if hint.startswith("tuple"):
+                if not isinstance(value, tuple):
+                    raise ValueError(f"{where}: expected a list of integers, got "
+                                     f"{type(value).__name__}")
+                low, high = LIMITS.get(where + "#", (0, 64))
+                if not low <= len(value) <= high:
+                    raise ValueError(f"{where}: {len(value)} entries (allowed: {low} to {high})")
+                for i, item in enumerate(value):
+                    _check_value(f"{where}[{i}]", item, int, key=where)
+            elif hint in ("int", "float", "bool", "str"):
+                _check_value(where, value, {"int": int, "float": float, "bool": bool,
+                                            "str": str}[hint])
+            else:
+                raise ValueError(f"{where}: unexpected field type {hint}")
+
+
+def _check_heads(config: "ModelConfig") -> None:
+    """Attention heads must split every width that has attention (guided-diffusion's rule)."""
+    u = config.unet
+    ds, down, up = 1, set(), set()
+    for level, mult in enumerate(u.channel_mult):
+        if ds in u.attention_resolutions:
+            down.add(u.model_channels * mult)
+            up.add(u.model_channels * mult)
+        if level != len(u.channel_mult) - 1:
+            ds *= 2
+    down.add(u.model_channels * u.channel_mult[-1])  # the middle block always has attention
+    for widths, heads, field_name in ((down, u.num_heads, "unet.num_heads"),
+                                      (up, u.heads_upsample, "unet.num_heads_upsample")):
+        for width in sorted(widths):
+            if u.num_head_channels != -1:
+                if width % u.num_head_channels:
+                    raise ValueError(f"unet.num_head_channels: {u.num_head_channels} does not "
+                                     f"divide the attention width {width}")
+            elif width % heads:
+                raise ValueError(f"{field_name}: {heads} heads do not split the attention width "
+                                 f"{width}")
+
+
+def state_shapes(config: "ModelConfig") -> dict[str, dict[str, tuple[int, ...]]]:
+    """The name and shape of every tensor in the two networks' state dicts, from the config alone
+    (tests/test_modeldir.py checks them against the built modules). {'vqgan': ..., 'unet': ...}"""
+    v, u = config.vqgan, config.unet
+    vq: dict[str, tuple[int, ...]] = {}
+
+    def conv(key: str, cin: int, cout: int, k: int, dims: int = 2, transposed: bool = False):
+        vq_or_unet = out
+        vq_or_unet[f"{key}.weight"] = ((cin, cout) if transposed else (cout, cin)) + (k,) * dims
+        vq_or_unet[f"{key}.bias"] = (cout,)
+
+    out = vq
+    block, cin = 0, v.in_channels
+    for ch, res in zip(v.channels, v.res_channels):
+        conv(f"encoder.blocks.{block}.conv", cin, ch, 4)
+        block += 1
+        for _ in range(v.num_res_layers):
+            conv(f"encoder.blocks.{block}.conv1.conv", ch, res, 3)
+            conv(f"encoder.blocks.{block}.conv2.conv", res, ch, 3)
+            block += 1
+        cin = ch
+    conv(f"encoder.blocks.{block}.conv", cin, v.embedding_dim, 3)
+    channels, res_channels = v.channels[::-1], v.res_channels[::-1]
+    conv("decoder.blocks.0.conv", v.embedding_dim, channels[0], 3)
+    block = 1
+    for i, (ch, res) in enumerate(zip(channels, res_channels)):
+        for _ in range(v.num_res_layers):
+            conv(f"decoder.blocks.{block}.conv1.conv", ch, res, 3)
+            conv(f"decoder.blocks.{block}.conv2.conv", res, ch, 3)
+            block += 1
+        cout = v.out_channels if i == len(channels) - 1 else channels[i + 1]
+        conv(f"decoder.blocks.{block}.conv", ch, cout, 4, transposed=True)
+        block += 1
+    vq["quantizer.embedding.weight"] = (v.num_embeddings, v.embedding_dim)
+    vq["quantizer.ema_cluster_size"] = (v.num_embeddings,)
+    vq["quantizer.ema_w"] = (v.num_embeddings, v.embedding_dim)
+
+    unet: dict[str, tuple[int, ...]] = {}
+    out = unet
+    mc, emb = u.model_channels, 4 * u.model_channels
+
+    def linear(key: str, cin: int, cout: int):
+        unet[f"{key}.weight"], unet[f"{key}.bias"] = (cout, cin), (cout,)
+
+    def norm(key: str, ch: int):
+        unet[f"{key}.weight"], unet[f"{key}.bias"] = (ch,), (ch,)
+
+    def res(key: str, ch: int, cout: int):
+        norm(f"{key}.in_layers.0", ch)
+        conv(f"{key}.in_layers.2", ch, cout, 3)
+        linear(f"{key}.emb_layers.1", emb, 2 * cout if u.use_scale_shift_norm else cout)
+        norm(f"{key}.out_layers.0", cout)
+        conv(f"{key}.out_layers.3", cout, cout, 3)
+        if cout != ch:
+            conv(f"{key}.skip_connection", ch, cout, 1)
+
+    def attn(key: str, ch: int):
+        norm(f"{key}.norm", ch)
+        conv(f"{key}.qkv", ch, 3 * ch, 1, dims=1)
+        conv(f"{key}.proj_out", ch, ch, 1, dims=1)
+
+    def resample(key: str, ch: int, op: str):
+        if u.resblock_updown:
+            res(key, ch, ch)
+        else:
+            conv(f"{key}.{op}", ch, ch, 3)
+
+    linear("time_embed.0", mc, emb)
+    linear("time_embed.2", emb, emb)
+    ch = input_ch = u.channel_mult[0] * mc
+    conv("input_blocks.0.0", u.in_channels, ch, 3)
+    skips, ds, block = [ch], 1, 1
+    for level, mult in enumerate(u.channel_mult):
+        for _ in range(u.num_res_blocks):
+            res(f"input_blocks.{block}.0", ch, mult * mc)
+            ch = mult * mc
+            if ds in u.attention_resolutions:
+                attn(f"input_blocks.{block}.1", ch)
+            skips.append(ch)
+            block += 1
+        if level != len(u.channel_mult) - 1:
+            resample(f"input_blocks.{block}.0", ch, "op")
+            skips.append(ch)
+            block += 1
+            ds *= 2
+    res("middle_block.0", ch, ch)
+    attn("middle_block.1", ch)
+    res("middle_block.2", ch, ch)
+    block = 0
+    for level, mult in list(enumerate(u.channel_mult))[::-1]:
+        for i in range(u.num_res_blocks + 1):
+            res(f"output_blocks.{block}.0", ch + skips.pop(), mc * mult)
+            ch, part = mc * mult, 1
+            if ds in u.attention_resolutions:
+                attn(f"output_blocks.{block}.1", ch)
+                part = 2
+            if level and i == u.num_res_blocks:
+                resample(f"output_blocks.{block}.{part}", ch, "conv")
+                ds //= 2
+            block += 1
+    norm("out.0", ch)
+    conv("out.2", input_ch, u.out_channels, 3)
+    return {"vqgan": vq, "unet": unet}
+
+
+def parameter_count(config: "ModelConfig") -> int:
+    """Numbers in both networks' state dicts (weights and buffers), from the config alone."""
+    return sum(math.prod(shape) for part in state_shapes(config).values()
+               for shape in part.values())
+
+
+def activation_bytes(config: "ModelConfig") -> int:
+    """An estimate of the activation memory one image needs in float32: the larger of the VQGAN's
+    peak (a stage's input, hidden and output maps at once, or the codebook's distance matrix) and
+    the U-Net's (every skip connection, a few maps of the widest level, and the attention matrix)."""
+    v, u = config.vqgan, config.unet
+    side = config.image_size
+    vq_peak = side * side * 2
+    for ch, res in zip(v.channels, v.res_channels):
+        side //= 2
+        vq_peak = max(vq_peak, (2 * ch + res) * side * side)
+    latent = config.latent_size * config.latent_size
+    vq_peak = max(vq_peak, 3 * latent * v.num_embeddings)
+    side, ch = config.latent_size, u.channel_mult[0] * u.model_channels
+    skips = [ch * side * side]
+    widest, attention = 0, 0
+    heads = max(u.num_heads, u.heads_upsample) if u.num_head_channels == -1 else None
+    for level, mult in enumerate(u.channel_mult):
+        ch = mult * u.model_channels
+        area = side * side
+        skips.extend([ch * area] * (u.num_res_blocks + 1))
+        widest = max(widest, 2 * ch * area)
+        ds = 2**level
+        if ds in u.attention_resolutions or level == len(u.channel_mult) - 1:
+            n = heads if heads is not None else ch // u.num_head_channels
+            attention = max(attention, n * area * area)
+        side = max(1, side // 2)
+    unet_peak = sum(skips) + 4 * widest + attention
+    return 4 * max(vq_peak, unet_peak)
+
+
+def _check_size(config: "ModelConfig") -> None:
+    params = parameter_count(config)
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"the config describes {params / 1e9:.3g} G parameters, more than the "
+                         f"limit of {MAX_PARAMETERS / 1e9:.3g} G (check unet.model_channels, "
+                         "unet.channel_mult, unet.num_res_blocks, vqgan.channels, "
+                         "vqgan.num_embeddings)")
+    need = activation_bytes(config)
+    if need > MAX_ACTIVATION_BYTES:
+        raise ValueError(f"the config needs about {need / 1024**3:.3g} GiB of activations per "
+                         f"image, more than the limit of {MAX_ACTIVATION_BYTES / 1024**3:.0f} GiB "
+                         "(check image_size, vqgan.channels, vqgan.res_channels, "
+                         "vqgan.num_embeddings, unet.attention_resolutions)")
 
 
 PAPER = ModelConfig()
