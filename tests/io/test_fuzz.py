@@ -1,5 +1,10 @@
 """Property tests: whatever bytes or headers a file holds, the readers either return a valid image or
-raise ImageError, never another exception."""
+raise ImageError, never another exception, a hang or unbounded memory.
+
+The seeds are synthetic files and real ones (a SZCH-X-Rays radiograph as shipped, and as TIFF and
+DICOM). `bash scripts/fuzz.sh` runs the same properties (and the model-directory loader's, in
+tests/test_modeldir.py) with thousands of examples.
+"""
 
 import io
 import os
@@ -139,3 +144,64 @@ def test_random_dicom_headers(header):
 def test_the_valid_seeds_are_valid(tmp_path, name):
     (tmp_path / name).write_bytes(VALID[name])
     assert read_radiograph(tmp_path / name).unit.shape == (40, 40)
+
+
+SZCH = Path(__file__).resolve().parents[2] / "assets" / "szch_samples" / "cxr" / "0.png"
+
+
+def _real_files() -> dict[str, bytes]:
+    """A real radiograph as shipped (PNG), and a crop of it as 16-bit TIFF and 12-bit DICOM (native
+    and RLE): the structures real files have, for the mutations to break."""
+    from pydicom.uid import RLELossless
+
+    cxr = np.asarray(Image.open(SZCH))
+    crop = cxr[384:640, 384:640].astype(np.uint16)
+    out = {"szch.png": SZCH.read_bytes()}
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, crop * 257, compression="zlib")
+    out["szch.tif"] = buffer.getvalue()
+    with tempfile.TemporaryDirectory() as folder:
+        path = make_dicom(Path(folder) / "szch.dcm", crop * 16, bits_stored=12, WindowCenter=2048,
+                          WindowWidth=4096)
+        out["szch.dcm"] = path.read_bytes()
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless)
+        ds.save_as(path)
+        out["szch-rle.dcm"] = path.read_bytes()
+    return out
+
+
+REAL = _real_files()
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(REAL)), data=st.data())
+def test_mutated_real_files(name, data):
+    """Byte changes where the structure is (the first kilobyte: signatures, headers, tags) and
+    anywhere, chunks deleted or repeated, and truncation."""
+    blob = bytearray(REAL[name])
+    for _ in range(data.draw(st.integers(1, 6))):
+        kind = data.draw(st.sampled_from(["head", "anywhere", "delete", "repeat", "truncate"]))
+        at = data.draw(st.integers(0, min(1023, len(blob) - 1) if kind == "head"
+                                   else len(blob) - 1))
+        if kind in ("head", "anywhere"):
+            blob[at] = data.draw(st.integers(0, 255))
+        elif kind == "delete":
+            del blob[at:at + data.draw(st.integers(1, 64))]
+        elif kind == "repeat":
+            blob[at:at] = blob[at:at + data.draw(st.integers(1, 64))]
+        else:
+            del blob[max(at, 1):]
+        if not blob:
+            blob = bytearray(b"\0")
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / name
+        path.write_bytes(bytes(blob))
+        _check(path)
+
+
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_the_real_seeds_are_valid(tmp_path, name):
+    (tmp_path / name).write_bytes(REAL[name])
+    assert read_radiograph(tmp_path / name).unit.shape == ((1024, 1024) if name.endswith("png")
+                                                           else (256, 256))
