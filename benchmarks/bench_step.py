@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from checks import check_finite, check_output, tolerances  # noqa: E402
 from timing import machine, measure  # noqa: E402
 
 from bsldm_fast import kernels  # noqa: E402
@@ -80,6 +82,7 @@ def original_steps(batch: int, steps: int, device: torch.device, diffusion: Diff
             sample = torch.cat((sample[:, :CHANNELS], cxr), dim=1)
             _ = np.clip(np.squeeze(sample[:, 0].detach().to("cpu").numpy()) * 0.5 + 0.5, 0, 1)
         sync(device)
+        run.output = sample
         state["sample"] = torch.cat((torch.randn_like(cxr), cxr), dim=1)
 
     return run
@@ -100,6 +103,7 @@ def reference_steps(batch: int, steps: int, device: torch.device, schedule: Sche
             x = ddpm_step(x, eps, c, schedule.clip_range(ts[i]), noise(i))
             u[:, :CHANNELS] = x
         sync(device)
+        run.output = x
 
     return run
 
@@ -109,7 +113,8 @@ def fused_steps(name: str, batch: int, steps: int, device: torch.device, schedul
     eps8 = torch.randn(batch, 2 * CHANNELS, SIZE, SIZE, device=device)
     u = torch.randn(batch, 2 * CHANNELS, SIZE, SIZE, device=device)
     x, eps = u[:, :CHANNELS], eps8[:, :CHANNELS]
-    x0 = torch.empty_like(x)
+    # Seeded like the rest: DPM-Solver++ steps read it (an empty buffer made the output undefined).
+    x0 = torch.randn_like(x)
     seeds = seed_tensor(range(batch), device)
     ts = spaced_timesteps(schedule.num_timesteps, 1000 if name == "ddpm" else 50)
     plan = {"ddpm": ddpm_plan, "ddim": ddim_plan, "dpmpp": dpmpp_plan}[name](schedule, ts)
@@ -125,8 +130,28 @@ def fused_steps(name: str, batch: int, steps: int, device: torch.device, schedul
             else:
                 kernels.dpmpp_2m_step(x, eps, x0, p, x, x0, backend=backend)
         sync(device)
+        run.output = x
 
     return run
+
+
+def check_case(label: str, fn, name: str | None, batch: int, steps: int, device: torch.device,
+               schedule: Schedule):
+    """The correctness check of a loop's first run (which is also its warm-up): a fused kernel
+    against the same steps from the same state through the unfused reference ops (backend
+    'reference', float32); the original loop (its own noise) and the reference itself: finite."""
+    fn()
+    if name is None:
+        why = ("the reference itself" if label.startswith("reference")
+               else "the original loop draws its own noise (diffusers' scheduler)")
+        return check_finite(fn.output, "fp32", why)
+    torch.manual_seed(0)
+    fast = fused_steps(name, batch, steps, device, schedule, kernels.resolve("auto", device))
+    torch.manual_seed(0)
+    ref = fused_steps(name, batch, steps, device, schedule, "reference")
+    fast()
+    ref()
+    return check_output(fast.output, ref.output, "fp32")
 
 
 def cpu_seconds(fn, repeats: int) -> float:
@@ -190,13 +215,21 @@ def main(argv: list[str] | None = None) -> None:
                        name) for name in ("ddpm", "ddim", "dpmpp")]
             baseline = None
             for label, fn, sampler in cases:
-                per_step = measure(fn, 1, args.repeats).median / args.steps
+                # Correctness before timing: a loop whose output is wrong is recorded, never timed.
+                check = check_case(label, fn, sampler, batch, args.steps, device, schedule)
+                if not check.passed:
+                    rows.append({"batch": batch, "loop": label, "failed": check.summary(), "check": check.as_dict()})
+                    print(f"{batch:>5} {label:<22} FAILED its correctness check: {check.summary()}")
+                    continue
+                per_step = measure(fn, 0, args.repeats).median / args.steps
                 cpu_per_step = cpu_seconds(fn, args.repeats) / args.steps if device.type == "cpu" else None
                 # The speed-up is taken on CPU time on the CPU (see cpu_seconds), on wall time on a GPU.
                 basis = cpu_per_step if cpu_per_step else per_step
-                baseline = basis if baseline is None else baseline
+                if label.startswith("original"):
+                    baseline = basis  # ratios only against the original loop, and only if it passed
                 row = {"batch": batch, "loop": label, "seconds_per_step": per_step,
-                       "cpu_seconds_per_step": cpu_per_step, "speedup_vs_original": baseline / basis}
+                       "cpu_seconds_per_step": cpu_per_step, "speedup_vs_original": baseline / basis if baseline else None,
+                       "check": check.as_dict()}
                 text = ""
                 if sampler is not None:
                     moved = BYTES_PER_ELEMENT[sampler] * batch * CHANNELS * SIZE * SIZE
@@ -207,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
                     text = f"{achieved / 1e9:7.1f} {100 * achieved / same_size:7.0f}%"
                 rows.append(row)
                 cpu_text = f"{1e3 * cpu_per_step:11.3f}" if cpu_per_step else f"{'-':>11}"
-                print(f"{batch:>5} {label:<22} {1e3 * per_step:9.3f} {cpu_text} {baseline / basis:10.1f}x {text}")
+                print(f"{batch:>5} {label:<22} {1e3 * per_step:9.3f} {cpu_text} {baseline / basis if baseline else math.nan:10.1f}x {text}")
     info = machine()
     info.update(device=str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                 fused_backend=backend, copy_bytes_per_s_64mib=bandwidth, steps_per_run=args.steps,
@@ -216,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = f"-t{torch.get_num_threads()}" if device.type == "cpu" else ""
     path = args.out / f"step-{device.type}{threads}-{time.strftime('%Y-%m-%d', time.gmtime())}.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    tmp.write_text(json.dumps({"machine": info, "rows": rows, "tolerances": tolerances()}, indent=2) + "\n")
     tmp.replace(path)
     print(f"wrote {path}")
 

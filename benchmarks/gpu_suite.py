@@ -17,6 +17,7 @@ at batch 1; every stage as a share of the roofline (its FLOPs over the measured 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -38,9 +39,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from checks import Check, check_finite, check_output, psnr, tolerances  # noqa: E402
 from timing import Row, Timing, machine, machine_slug, matmul_peak, measure, unet_flops, vqgan_flops, write_results  # noqa: E402
 
 from bsldm_fast import _ext, kernels  # noqa: E402
+from bsldm_fast.diffusion.noise import seed_tensor  # noqa: E402
 from bsldm_fast.engines.gpu_pipeline import GraphPipeline  # noqa: E402
 from bsldm_fast.engines.runners import TorchRunner  # noqa: E402
 from bsldm_fast.modeldir import random_model  # noqa: E402
@@ -57,6 +60,14 @@ SAMPLER = DEFAULT_SAMPLER
 
 class Skip(Exception):
     """A part that cannot run here; the message says why."""
+
+
+class CheckFailed(Exception):
+    """A path whose output failed its correctness check: recorded as failed, never timed."""
+
+    def __init__(self, what: str, check: Check):
+        super().__init__(f"{what}: correctness check failed: {check.summary()}")
+        self.check = check
 
 
 class Suite:
@@ -130,14 +141,6 @@ def sample_images(size: int, batch: int) -> torch.Tensor:
     return images * 2 - 1
 
 
-def psnr(reference: torch.Tensor, test: torch.Tensor) -> float:
-    """PSNR in dB of [-1, 1] images shown as [0, 1] (peak 1)."""
-    a = ((reference.double().cpu() + 1) / 2).clamp(0, 1)
-    b = ((test.double().cpu() + 1) / 2).clamp(0, 1)
-    mse = torch.mean((a - b) ** 2).item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
-
-
 def copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
     """Measured device-to-device copy rate, bytes read + written per second."""
     a = torch.empty(mib << 18, dtype=torch.float32, device=device).normal_()
@@ -186,6 +189,10 @@ class Context:
         """Summary of each end-to-end configuration (timing, memory, PSNR)."""
         self.baseline: dict = {}
         self.compiled_runner: TorchRunner | None = None
+        self.reference_runner: TorchRunner | None = None
+        """Eager float32: what every stage row is checked against."""
+        self.failed: list[dict] = []
+        """Rows that failed their correctness check: recorded with the error, never timed."""
         self.psnr_demo: dict = {}
         self.results_path: Path | None = None
         self.left: Callable[[], float] = lambda: math.inf
@@ -280,16 +287,23 @@ def part_psnr_demo(ctx: Context) -> dict:
     return out
 
 
-def _fp32_reference(model, images: torch.Tensor, seeds: list[int], device) -> torch.Tensor:
-    """Eager float32 outputs, unfused samplers, TF32 off, one image at a time."""
+@contextlib.contextmanager
+def _no_tf32():
+    """float32 as float32: the reference must not run its matmuls in TF32."""
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _fp32_reference(model, images: torch.Tensor, seeds: list[int], device) -> torch.Tensor:
+    """Eager float32 outputs, unfused samplers, TF32 off, one image at a time."""
+    with _no_tf32():
         ref = Pipeline(model.config, model.vqgan, model.unet, device, "fp32", "reference")
         return torch.cat([ref.run(images[i : i + 1], seeds[i : i + 1], SAMPLER).cpu()
                           for i in range(images.shape[0])])
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def part_reference(ctx: Context) -> None:
@@ -310,16 +324,53 @@ def _stage_rows(ctx: Context, runner, backend: str, precision: str, pipe: GraphP
     x = latent.clone()
     x0 = torch.zeros_like(x)
     plan = program.plan[1]
+    seeds = seed_tensor([ctx.seed], device)
+
+    def one_step(x, x0, backend):
+        # The sampler's own kernel: the default sampler's plan is not always DPM-Solver++'s.
+        if isinstance(plan, kernels.DPMStep):
+            kernels.dpmpp_2m_step(x, eps, x0, plan, x, x0, backend)
+        elif isinstance(plan, kernels.DDIMStep):
+            kernels.ddim_step(x, eps, seeds, 1, plan, x, backend=backend)
+        else:
+            kernels.ddpm_step(x, eps, seeds, 1, plan, x, backend=backend)
 
     def step():
-        kernels.dpmpp_2m_step(x, eps, x0, plan, x, x0, pipe.step_backend)
+        one_step(x, x0, pipe.step_backend)
 
     common = dict(batch=1, resolution=config.image_size, config=config.name, group="gpu-suite")
+    if ctx.reference_runner is None:
+        ctx.reference_runner = TorchRunner(config, ctx.model.vqgan, ctx.model.unet, device, "fp32")
+    ref = ctx.reference_runner
+
+    def sampler_output(backend: str) -> torch.Tensor:
+        # One step from the same state, on copies: the timed tensors keep their strides.
+        xc, x0c = x.clone(), x0.clone()
+        one_step(xc, x0c, backend)
+        return xc
+
     with torch.inference_mode():
-        for stage, fn, flops in (("vq-encode", lambda: runner.encode(images), ctx.flops["vq-encode"]),
-                                 ("unet-step", lambda: runner.denoise(u, t), ctx.flops["unet-step"]),
-                                 ("sampler-step", step, 0.0),
-                                 ("vq-decode", lambda: runner.decode(latent), ctx.flops["vq-decode"])):
+        for stage, fn, flops, check_pair in (
+                ("vq-encode", lambda: runner.encode(images), ctx.flops["vq-encode"],
+                 lambda: (runner.encode(images), ref.encode(images), precision)),
+                ("unet-step", lambda: runner.denoise(u, t), ctx.flops["unet-step"],
+                 lambda: (runner.denoise(u, t), ref.denoise(u, t), precision)),
+                ("sampler-step", step, 0.0,
+                 lambda: (sampler_output(pipe.step_backend), sampler_output("reference"), "fp32")),
+                ("vq-decode", lambda: runner.decode(latent), ctx.flops["vq-decode"],
+                 lambda: (runner.decode(latent), ref.decode(latent), precision))):
+            # Correctness before timing: the stage's output against the eager float32 one.
+            with _no_tf32():
+                out, expected, prec = check_pair()
+            check = check_output(out, expected, prec)
+            if not check.passed:
+                ctx.failed.append({"stage": stage, "backend": backend, "precision": precision, "batch": 1,
+                                   "config": config.name, "group": "gpu-suite",
+                                   "reason": f"correctness check failed: {check.summary()}",
+                                   "check": check.as_dict()})
+                print(f"   {stage} {backend} {precision}: FAILED its correctness check: {check.summary()}",
+                      flush=True)
+                continue
             timing = measure(fn, warmup=2, repeats=ctx.repeats * (5 if stage == "sampler-step" else 1),
                              device=device)
             note = "eager call (outside the graph)"
@@ -329,7 +380,7 @@ def _stage_rows(ctx: Context, runner, backend: str, precision: str, pipe: GraphP
                 note += f"; {moved / timing.median / 1e9:.1f} GB/s of {ctx.bandwidth / 1e9:.0f} measured"
             ctx.rows.append(Row(stage, backend, precision, sampler=SAMPLER if stage == "sampler-step" else "-",
                                 steps=steps if stage == "sampler-step" else 0, timing=timing, flops=flops,
-                                note=note, **common))
+                                note=note, check=check.as_dict(), **common))
 
 
 def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precision: str, batch: int,
@@ -347,6 +398,17 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
     _sync(device)
     setup_s = time.perf_counter() - start
     setup_peak = _peak_mib(device, base)
+    # Correctness before timing: sample 0 (same image, same seed) against the eager float32 image.
+    if ctx.reference is None:
+        check = Check(False, "psnr_db", None, None, precision, 0, "no float32 reference (its part failed)")
+    else:
+        check = check_output(out[:1], ctx.reference[:1], precision, image=True)
+    if not check.passed:
+        ctx.failed.append({"stage": "end-to-end", "backend": runner.name, "precision": precision, "batch": batch,
+                           "config": config.name, "group": "gpu-suite", "reason": check.summary(),
+                           "check": check.as_dict()})
+        ctx.e2e[name] = {"backend": runner.name, "precision": precision, "batch": batch, "failed": check.as_dict()}
+        raise CheckFailed(name, check)
     timing = measure(lambda: pipe.run(images, seeds, SAMPLER), warmup=1, repeats=ctx.repeats, device=device)
     replay_peak = None if device.type != "cuda" else timing.peak_rss_mib - base / 2**20
     steps = DEFAULT_STEPS[SAMPLER]
@@ -360,13 +422,12 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
         "reserved_mib": torch.cuda.memory_reserved(device) / 2**20 if device.type == "cuda" else None,
         "flops": flops, "roofline_share_bf16": flops / timing.median / ctx.peaks["bf16"] if ctx.peaks.get("bf16") else None,
     }
-    if ctx.reference is not None:
-        summary["psnr_db_vs_fp32_reference"] = psnr(ctx.reference[0], out[0])
+    summary["psnr_db_vs_fp32_reference"] = check.value
     ctx.rows.append(Row("end-to-end", runner.name, precision, batch, config.image_size, SAMPLER, steps,
                         timing, flops, config.name, "gpu-suite",
                         note=("CUDA graph replay" if graphs else "uncaptured (no CUDA)")
                         + f"; setup (compile + capture) {setup_s:.1f} s",
-                        compile_s=setup_s))
+                        compile_s=setup_s, check=check.as_dict()))
     ctx.e2e[name] = summary
     print(json.dumps({name: summary}, default=str), flush=True)
     if stages:
@@ -398,12 +459,15 @@ def part_baseline_sampled(ctx: Context) -> None:
         loop = OriginalStyle(copy.deepcopy(ctx.model.vqgan), copy.deepcopy(ctx.model.unet),
                              config.diffusion, device)
         kind = "original-style (BS-LDM ldm_eval.py loop: diffusers DDPMScheduler rebuilt per step)"
-        _, times = loop.run(images, max_steps=2)  # warm-up (cuDNN, allocator)
+        first, times = loop.run(images, max_steps=2)  # warm-up (cuDNN, allocator), and its check
+        check = check_finite(first, "fp32", "the original loop draws its own noise (diffusers' scheduler)")
+        if not check.passed:
+            raise CheckFailed("original-style", check)
         _, times = loop.run(images, max_steps=10)
         estimate = times.estimate(float(np.median(times.steps)))
         ctx.baseline = {"kind": kind, "estimate_s": estimate, "step_s": float(np.median(times.steps)),
                         "encode_s": times.encode, "decode_s": times.decode, "timed_steps": len(times.steps),
-                        "total_steps": times.total_steps, "_loop": loop}
+                        "total_steps": times.total_steps, "_loop": loop, "check": check.as_dict()}
     except ImportError:
         # diffusers is not on the GPU machine: the same eager fp32 DDPM-1000 loop on our unfused
         # PyTorch samplers (what the original computes, without its scheduler rebuilds and host copies).
@@ -415,12 +479,15 @@ def part_baseline_sampled(ctx: Context) -> None:
             enc = measure(lambda: pipe.encode(images), warmup=1, repeats=3, device=device)
             u = torch.cat([torch.randn_like(cond), cond], 1)
             t = torch.full((1,), 500, dtype=torch.int64, device=device)
+            check = check_finite(pipe.denoiser(u, t), "fp32", "the eager float32 reference itself")
+            if not check.passed:
+                raise CheckFailed("baseline", check)
             step = measure(lambda: pipe.denoiser(u, t), warmup=2, repeats=10, device=device)
             dec = measure(lambda: pipe.decode(cond), warmup=1, repeats=3, device=device)
         total = config.diffusion.num_train_timesteps
         ctx.baseline = {"kind": kind, "estimate_s": enc.median + dec.median + total * step.median,
                         "step_s": step.median, "encode_s": enc.median, "decode_s": dec.median,
-                        "timed_steps": 10, "total_steps": total, "_pipe": pipe}
+                        "timed_steps": 10, "total_steps": total, "_pipe": pipe, "check": check.as_dict()}
     print(f"baseline estimate {ctx.baseline['estimate_s']:.1f} s ({ctx.baseline['step_s'] * 1e3:.1f} ms/step)",
           flush=True)
 
@@ -453,14 +520,15 @@ def baseline_row(ctx: Context) -> None:
     flops = ctx.flops["vq-encode"] + ctx.flops["vq-decode"] + steps * ctx.flops["unet-step"]
     ctx.rows.append(Row("end-to-end", "original-style", "fp32", 1, ctx.config.image_size, "ddpm", steps,
                         Timing(seconds, seconds, seconds, 1, 0.0, "none", [seconds]), flops,
-                        ctx.config.name, "gpu-suite", note))
+                        ctx.config.name, "gpu-suite", note, check=b["check"]))
 
 
 def targets(ctx: Context) -> dict:
     """The issue's targets, reported beside what was measured (never asserted)."""
     out: dict = {}
-    compiled = ctx.e2e.get("torch-compile-bf16-b1")
-    best_b1 = compiled or ctx.e2e.get("torch-bf16-b1")
+    passed = {n: e for n, e in ctx.e2e.items() if "failed" not in e}  # a failed path has no timing
+    compiled = passed.get("torch-compile-bf16-b1")
+    best_b1 = compiled or passed.get("torch-bf16-b1")
     if best_b1:
         out["e2e_batch1"] = {"config": "torch-compile-bf16-b1" if compiled else "torch-bf16-b1 (compile missing)",
                              "seconds": best_b1["median_s"], "target_s": TARGET_E2E_S,
@@ -471,12 +539,12 @@ def targets(ctx: Context) -> dict:
     for precision, values in ctx.psnr_demo.items():
         out.setdefault("psnr_db", {})[f"demo-model-{precision}"] = {
             "db": min(values), "per_image": values, "target_db": TARGET_PSNR_DB, "met": min(values) >= TARGET_PSNR_DB}
-    for name, e in ctx.e2e.items():
+    for name, e in passed.items():
         if "psnr_db_vs_fp32_reference" in e:
             out.setdefault("psnr_db", {})[name] = {"db": e["psnr_db_vs_fp32_reference"],
                                                   "target_db": TARGET_PSNR_DB,
                                                   "met": e["psnr_db_vs_fp32_reference"] >= TARGET_PSNR_DB}
-    b16 = [e for n, e in ctx.e2e.items() if e["batch"] == 16]
+    b16 = [e for n, e in passed.items() if e["batch"] == 16]
     if b16:
         best = max(b16, key=lambda e: e["images_per_s"])
         out["throughput_batch16"] = {"images_per_s": best["images_per_s"], "backend": best["backend"]}
@@ -555,6 +623,8 @@ def save(ctx: Context, suite: Suite, env: dict, finished: bool) -> tuple[Path, d
         "baseline": {k: v for k, v in ctx.baseline.items() if not k.startswith("_")},
         "targets": tgt,
         "copy_bandwidth_bytes_per_s": ctx.bandwidth,
+        "failed": ctx.failed,
+        "tolerances": tolerances(),
     }
     name = ("gpu-" if device.type == "cuda" else "gpu-dryrun-") + machine_slug(info)
     # The first save claims a fresh name; later ones rewrite that file.

@@ -30,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from checks import Check, check_finite, check_output, tolerances  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
 from timing import (Row, Timing, machine, machine_slug, matmul_peak, measure, unet_flops,  # noqa: E402
                     vqgan_flops, write_results)
@@ -291,6 +292,10 @@ class Prepared:
     fn: Callable[[], object]
     flops: float
     note: str = ""
+    image: bool = False
+    """The output is an image (end to end): checked by PSNR, else by relative error."""
+    output: Callable[[object], object] = lambda result: result
+    """The output to check, from what `fn` returns."""
 
 
 def _images(config: ModelConfig, batch: int, device: torch.device) -> torch.Tensor:
@@ -342,7 +347,7 @@ def stage_sampler(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared
         stub = _StubDenoiser(_latents(config, 1, config.unet.out_channels, ctx.device) * 0.5)
         cxr = _latents(config, 1, c, ctx.device)
         # Times of the loop's steps with a free U-Net: the step, the rebuild, the cat, the host copy.
-        return Prepared(lambda: p.loop(cxr, s.steps, stub)[1], flops * config.unet.out_channels // c,
+        return Prepared(lambda: p.loop(cxr, s.steps, stub), flops * config.unet.out_channels // c,
                         "diffusers step + scheduler rebuild + cat + host copy")
     cond = _latents(config, s.batch, c, ctx.device)
     stub = _StubDenoiser(_latents(config, s.batch, c, ctx.device) * 0.5)
@@ -364,8 +369,8 @@ def stage_e2e(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared:
     enc, dec = vqgan_flops(config, s.batch)
     flops = enc + dec + flops_step * s.steps
     if isinstance(p, OriginalStyle):
-        return Prepared(lambda: p.run(images[:1], max_steps=ctx.plan.original_steps or None)[1], flops)
-    return Prepared(lambda: p.run(images, list(range(s.batch)), s.sampler, s.steps), flops)
+        return Prepared(lambda: p.run(images[:1], max_steps=ctx.plan.original_steps or None), flops, image=True)
+    return Prepared(lambda: p.run(images, list(range(s.batch)), s.sampler, s.steps), flops, image=True)
 
 
 STAGES: dict[str, Callable[..., Prepared]] = {
@@ -465,8 +470,47 @@ def prepare(s: Scenario, ctx: Context, table: dict[str, Backend]) -> tuple[Backe
     return backend, p, config, STAGES[s.stage](s, ctx, p, config)
 
 
-def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | str:
-    """Measure one scenario; returns its row, or the reason it was skipped."""
+REFERENCE = ("torch-eager", "fp32")
+"""The path every row is checked against: the same stage, eager, float32, on the same input."""
+
+
+@dataclass
+class Failed:
+    """A scenario that ran but is not a row: its correctness check failed, or it raised."""
+
+    reason: str
+    check: Check | None = None
+
+
+def reference_output(s: Scenario, ctx: Context, table: dict[str, Backend]):
+    """The eager float32 output of `s`'s stage on `s`'s input (cached: every backend of a stage
+    shares it), or None where the row has no same-noise reference (the original-style loop)."""
+    if s.backend == "original-style":
+        return None
+    ref = dataclasses.replace(s, backend=REFERENCE[0], precision=REFERENCE[1])
+    key = ("reference", ref.stage, ref.batch, ref.sampler, ref.steps)
+
+    def compute():
+        _, _, _, prepared = prepare(ref, ctx, table)
+        return prepared.output(prepared.fn())
+    # NOTE: kept in the model's cache, so it goes when the model (config, resolution) changes.
+    return ctx.cached(key, compute)
+
+
+def check_scenario(s: Scenario, ctx: Context, table: dict[str, Backend], prepared: Prepared, result) -> Check:
+    """The correctness check of a row's first output, against the eager float32 reference."""
+    output = prepared.output(result)
+    if s.backend == "original-style":
+        return check_finite(output, s.precision, "the original loop draws its own noise (diffusers' scheduler)")
+    if (s.backend, s.precision) == REFERENCE:
+        # The reference itself: cache this output rather than computing it twice.
+        ctx.cached(("reference", s.stage, s.batch, s.sampler, s.steps), lambda: output)
+    return check_output(output, reference_output(s, ctx, table), s.precision, image=prepared.image)
+
+
+def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | Failed | str:
+    """Check, then measure one scenario; returns its row, a failure (check or error), or the reason
+    it was skipped."""
     ready = prepare(s, ctx, table)
     if isinstance(ready, str):
         return ready
@@ -475,21 +519,26 @@ def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | 
     warmup, repeats = (plan.heavy_warmup, plan.heavy_repeats) if s.heavy else (1, plan.repeats)
     note = "; ".join(x for x in (backend.note if s.stage in ("unet-step", "end-to-end") else "",
                                  prepared.note) if x)
-    compile_s = None
-    if s.backend == "torch-compile" or s.backend == "tensorrt":
-        start = time.perf_counter()
-        prepared.fn()
-        compile_s = time.perf_counter() - start
-        warmup = max(warmup - 1, 0)
+    # The first call is the check (and, for torch.compile and TensorRT, the build); it stands in
+    # for one warm-up call. A row whose output is wrong is never timed.
+    start = time.perf_counter()
+    first = prepared.fn()
+    first_s = time.perf_counter() - start
+    warmup = max(warmup - 1, 0)
+    check = check_scenario(s, ctx, table, prepared, first)
+    del first
+    if not check.passed:
+        return Failed(f"correctness check failed: {check.summary()}", check)
+    compile_s = first_s if s.backend in ("torch-compile", "tensorrt") else None
     if isinstance(p, OriginalStyle):
-        return _run_original(s, ctx, p, prepared, warmup, repeats, note)
+        return _run_original(s, ctx, p, prepared, warmup, repeats, note, check)
     timing = measure(prepared.fn, warmup, repeats, ctx.device)
     if s.stage == "sampler-step":
         timing = _per_step(timing, s.steps)
     if compile_s is not None:
         compile_s = max(compile_s - timing.median, 0.0)
     return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, s.steps, timing,
-               prepared.flops, s.config, s.group, note, compile_s)
+               prepared.flops, s.config, s.group, note, compile_s, check.as_dict())
 
 
 def _per_step(t: Timing, steps: int) -> Timing:
@@ -498,20 +547,20 @@ def _per_step(t: Timing, steps: int) -> Timing:
 
 
 def _run_original(s: Scenario, ctx: Context, p: OriginalStyle, prepared: Prepared, warmup: int, repeats: int,
-                  note: str) -> Row:
+                  note: str, check: Check) -> Row:
     """The original-style loop times its own steps; on the CPU the end-to-end row is scaled."""
     config = ctx.model(s.config, s.resolution).config
     loops = []
 
     def once():
-        loops.append(prepared.fn())
+        loops.append(prepared.fn()[1])
     timing = measure(once, warmup, repeats, ctx.device)
     loops = loops[warmup:]
     if s.stage == "sampler-step":
         steps = [x for step_times in loops for x in step_times]
         t = _timing_from(steps, timing.peak_rss_mib, timing.mem_kind)
         return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, s.steps, t,
-                   prepared.flops, s.config, s.group, note)
+                   prepared.flops, s.config, s.group, note, check=check.as_dict())
     timed = len(loops[0].steps)
     total = loops[0].total_steps
     if timed < total:
@@ -522,7 +571,7 @@ def _run_original(s: Scenario, ctx: Context, p: OriginalStyle, prepared: Prepare
         estimates = [lt.estimate() for lt in loops]
     t = _timing_from(estimates, timing.peak_rss_mib, timing.mem_kind)
     return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, total, t,
-               prepared.flops, s.config, s.group, note.strip("; "))
+               prepared.flops, s.config, s.group, note.strip("; "), check=check.as_dict())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -680,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
         todo = [s for s in todo if s.group == "stages"]
     rows: list[Row] = []
     skipped: list[dict] = []
+    failed: list[dict] = []
     print(HEADER, flush=True)
     measured: dict[Scenario, Row] = {}
     for i, s in enumerate(todo, 1):
@@ -687,15 +737,24 @@ def main(argv: list[str] | None = None) -> int:
         key = dataclasses.replace(s, group="stages", heavy=False,
                                   resolution=s.resolution or preset(s.config).image_size)
         if key in measured:
-            result = dataclasses.replace(measured[key], group=s.group)
+            result = measured[key]
+            if isinstance(result, Row):
+                result = dataclasses.replace(result, group=s.group)
         else:
             try:
                 result = run_scenario(s, ctx, table)
             except Exception as e:  # noqa: BLE001 - one broken row must not lose the run's others
                 traceback.print_exc()
-                result = f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            if isinstance(result, Row):
+                result = Failed(f"raised {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            if isinstance(result, (Row, Failed)):
                 measured[key] = result
+        if isinstance(result, Failed):
+            # Recorded with its measured error; never a row, so never in a ratio or the README.
+            failed.append({**dataclasses.asdict(s), "reason": result.reason,
+                           "check": result.check.as_dict() if result.check else None})
+            print(f"  FAILED {s.stage} {s.backend} {s.precision} {s.config} batch {s.batch}: {result.reason}",
+                  flush=True)
+            continue
         if isinstance(result, str):
             skipped.append({**dataclasses.asdict(s), "reason": result})
             print(f"  skip {s.stage} {s.backend} {s.precision} {s.config} batch {s.batch}: {result}", flush=True)
@@ -718,10 +777,15 @@ def main(argv: list[str] | None = None) -> int:
     suffix = ("" if mode == "full" else f"-{mode}") + (f"-{args.tag}" if args.tag else "")
     path = write_results(rows, peaks, name, args.out, device=device, suffix=suffix,
                          extra={"mode": mode, "tag": args.tag, "only": args.only, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
+                                "failed": failed, "tolerances": tolerances(),
                                 "matmul_peak_start": peaks_start, "matmul_peak_end": peaks_end})
     title = f"{default_backend} {low}: resolution and batch at {plan.scaling_config} architecture, steps at {plan.steps_config}, {info['device']} / {info['processor']}, {info['date']}"
     png = plot_scaling(rows, path.with_suffix(".png"), title)
     print(f"\nheadline: {json.dumps(heads, indent=1)}")
+    if failed:
+        print(f"{len(failed)} row(s) failed their correctness check or raised, and are not in the table: "
+              + "; ".join(f"{f['stage']} {f['backend']} {f['precision']} {f['config']} batch {f['batch']}"
+                          for f in failed))
     print(f"wrote {path}" + (f" and {png.name}" if png else "") + f" in {wall:.0f} s "
           f"({cpu_s:.0f} CPU-seconds on {info['threads']} threads; far more wall than CPU/threads means a busy machine)")
     return 0

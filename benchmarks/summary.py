@@ -4,7 +4,9 @@
 
 Prints markdown: per machine (its newest full run, else its newest quick one; on a GPU the suite of
 gpu_suite.sh), end to end at paper size against the original-style loop measured in the same run,
-with the date and the machine. `--replace FILE` rewrites the block between `<!-- perf:begin -->` and
+with the date and the machine. Only checked rows count: a result file with a row that carries no
+passing correctness check (checks.py; files from before issue 20) is refused, and the rows a run
+recorded as failed are named with their error, never shown as timings. `--replace FILE` rewrites the block between `<!-- perf:begin -->` and
 `<!-- perf:end -->` in FILE (atomically) instead of printing.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import sys
@@ -32,6 +35,17 @@ def _tag(payload: dict, rest: str | None) -> str:
     return "-".join(p for p in (rest or "").split("-") if p and p not in MODES and not p.isdigit())
 
 
+def unchecked(payload: dict) -> list[str]:
+    """The rows of a result that lack a passing correctness check (why the file is refused)."""
+    out = []
+    for r in payload.get("rows", []):
+        check = r.get("check")
+        if not check or not check.get("passed"):
+            why = "no correctness check" if not check else f"check failed ({check.get('reason', '')})"
+            out.append(f"{r.get('stage')} {r.get('backend')} {r.get('precision')} batch {r.get('batch')}: {why}")
+    return out
+
+
 def latest(results: Path, include_tagged: bool = False) -> list[dict]:
     """The best result of each machine (run.py's, or gpu_suite.py's on a GPU): its newest full
     run, else its newest shorter one (runs with a --tag, e.g. 'dev', only when asked)."""
@@ -50,6 +64,11 @@ def latest(results: Path, include_tagged: bool = False) -> list[dict]:
         if suite and payload["machine"].get("device") == "cpu":  # the GPU suite's dry run
             continue
         if _tag(payload, match["rest"]) and not include_tagged:
+            continue
+        bad = unchecked(payload)
+        if bad:
+            print(f"summary.py: refusing {path.name}: {len(bad)} row(s) without a passing correctness check, "
+                  f"e.g. {bad[0]}", file=sys.stderr)
             continue
         mode = payload.get("mode") or (suite or {}).get("mode")
         rank = (mode == "full", payload["machine"].get("time_utc", match["date"]))
@@ -103,7 +122,25 @@ def machine_section(payload: dict, config: str = "paper") -> str:
         if eager and not head["unet_step"].startswith("torch-eager"):
             lines[-1] += (f" Eager, as the Pipeline runs it: {_fmt_s(eager['median'])}, "
                           f"{eager['fraction_of_peak']:.0%}.")
+    failed = [f for f in payload.get("failed", []) if f.get("group", "stages") in ("stages", "gpu-suite")]
+    if failed:
+        lines += ["", "Not timed, and left out above: their output failed the correctness check against "
+                      "the eager float32 reference (`benchmarks/checks.py`), or they raised:"]
+        for f in failed:
+            lines.append(f"- {f['stage']} {f['backend']} {f['precision']} `{f['config']}` batch {f['batch']}: "
+                         f"{_failure(f)}")
     return "\n".join(lines) + "\n"
+
+
+def _failure(f: dict) -> str:
+    check = f.get("check") or {}
+    value = check.get("value")
+    if check.get("nonfinite"):
+        return check.get("reason", "non-finite output")
+    if isinstance(value, float) and math.isfinite(value):
+        op = "above" if check.get("metric") == "rel_max_error" else "below"
+        return f"{check['metric']} {value:.3g}, {op} the {check['precision']} bound {check['bound']:g}"
+    return f.get("reason", "failed")
 
 
 def markdown(payloads: list[dict], config: str = "paper") -> str:

@@ -166,6 +166,9 @@ class Row:
     note: str = ""
     compile_s: float | None = None
     """One-off compile time, kept out of `timing` (torch.compile, engine builds)."""
+    check: dict | None = None
+    """The correctness check of the row's first output against the eager float32 reference
+    (`checks.Check`); summary.py refuses rows without a passing one."""
 
     @property
     def rate(self) -> float:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -29,7 +30,7 @@ summary = _load("summary")
 
 ROW_FIELDS = {"stage", "backend", "precision", "sampler", "steps", "batch", "resolution", "config", "group",
               "median", "minimum", "maximum", "spread", "repeats", "times", "per_image_s", "flops",
-              "achieved_flops", "fraction_of_peak", "peak_rss_mib", "mem_kind", "note", "compile_s"}
+              "achieved_flops", "fraction_of_peak", "peak_rss_mib", "mem_kind", "note", "compile_s", "check"}
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +147,10 @@ def test_summary_reads_the_gpu_suite_but_not_its_dry_run(tmp_path, monkeypatch):
     def rows():
         def row(backend, precision, steps, seconds):
             t = timing.Timing(seconds, seconds, seconds, 1, 0.0, "none", [seconds])
+            check = {"passed": True, "metric": "psnr_db", "value": 50.0, "bound": 25.0, "precision": precision}
             return timing.Row("end-to-end", backend, precision, 1, 1024, "ddpm", steps, t, 1e12, "paper",
-                              "gpu-suite", "eager; 10 steps timed and scaled to 1000" if steps == 1000 else "")
+                              "gpu-suite", "eager; 10 steps timed and scaled to 1000" if steps == 1000 else "",
+                              check=check)
         return [row("original-style", "fp32", 1000, 80.0), row("torch-compile", "bf16", 10, 0.25)]
 
     for device, name in (("NVIDIA H100 80GB HBM3", "gpu-h100"), ("cpu", "gpu-dryrun-cpu")):
@@ -171,3 +174,109 @@ def test_the_peak_times_the_same_product_as_a_convolution(gen):
     assert out.shape == (1, 128, 2, 64)
     torch.testing.assert_close(out.permute(0, 2, 3, 1).reshape(128, 128), a @ b, rtol=1e-5, atol=1e-4)
     assert timing.matmul_peak(torch.float32, sizes=(128,), repeats=2) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness before timing (issue 20): a path whose output is wrong is never a row.
+
+checks = sys.modules["checks"]
+
+
+def _wrong_backend(how: str):
+    """The eager bf16 pipeline broken `how`: a denoiser returning NaN, or 10 % off, or images
+    mirrored left to right (what a layout bug does)."""
+    def build(ctx, model, precision):
+        p = run._eager(ctx, model, precision)
+        denoise, decode = p.denoiser, p.decode
+        if how == "mirror":
+            p.decode = lambda z: decode(z).flip(-1)
+        else:
+            p.denoiser = lambda u, t: denoise(u, t) * (math.nan if how == "nan" else 1.1)
+        return p
+    return run.Backend(f"broken-{how}", ("fp32", "bf16"), build)
+
+
+@pytest.fixture(scope="module")
+def broken_table():
+    table = run.backends(torch.device("cpu"))
+    for how in ("nan", "off", "mirror"):
+        b = _wrong_backend(how)
+        table[b.name] = b
+    return table
+
+
+@pytest.mark.parametrize("stage, how", [("unet-step", "nan"), ("unet-step", "off"), ("end-to-end", "nan"),
+                                        ("end-to-end", "mirror"), ("vq-decode", "mirror")])
+def test_a_path_with_a_wrong_output_is_recorded_failed_not_timed(broken_table, how, stage, monkeypatch):
+    plan = dataclasses.replace(run.PLANS["smoke"], repeats=2)
+    ctx = run.Context(torch.device("cpu"), plan)
+    timed = []
+    monkeypatch.setattr(run, "measure", lambda *a, **k: timed.append(a) or pytest.fail("a failed row was timed"))
+    s = run.Scenario(stage, f"broken-{how}", "bf16", "tiny", 1, 0, "ddpm", 4)
+    result = run.run_scenario(s, ctx, broken_table)
+    assert isinstance(result, run.Failed), result
+    assert not result.check.passed and not timed
+    if how == "nan":
+        assert result.check.nonfinite > 0 and "not finite" in result.reason
+    elif how == "off":
+        # 10 % off: far beyond bf16's bound, and the measured error is what is recorded.
+        assert result.check.value == pytest.approx(0.1, rel=0.1)
+        assert result.check.value > checks.REL_MAX_ERROR["bf16"]
+    elif stage == "end-to-end":
+        assert result.check.metric == "psnr_db" and result.check.value < checks.MIN_PSNR_DB["bf16"]
+
+
+def test_a_correct_reduced_precision_path_passes_its_check(broken_table):
+    ctx = run.Context(torch.device("cpu"), dataclasses.replace(run.PLANS["smoke"], repeats=2))
+    row = run.run_scenario(run.Scenario("unet-step", "torch-eager", "bf16", "tiny"), ctx, broken_table)
+    assert isinstance(row, run.Row)
+    assert row.check["passed"] and row.check["metric"] == "rel_max_error"
+    assert 0 < row.check["value"] <= checks.REL_MAX_ERROR["bf16"]
+
+
+def test_check_output_bounds(gen):
+    ref = torch.randn(2, 4, 16, 16, generator=gen)
+    assert checks.check_output(ref.clone(), ref, "fp32").passed
+    near = ref + 1e-6 * torch.randn(ref.shape, generator=gen)
+    assert checks.check_output(near, ref, "fp32").passed
+    bf16 = ref.to(torch.bfloat16)
+    assert checks.check_output(bf16, ref, "bf16").passed and not checks.check_output(bf16, ref, "fp32").passed
+    nan = ref.clone()
+    nan[0, 0, 0, 0] = math.nan
+    c = checks.check_output(nan, ref, "bf16")
+    assert not c.passed and c.nonfinite == 1
+    assert not checks.check_output(ref[:1], ref, "fp32").passed  # a wrong shape is wrong
+    img = torch.rand(1, 1, 32, 32, generator=gen) * 2 - 1
+    assert checks.check_output(img + 0.002, img, "bf16", image=True).passed  # ~60 dB
+    assert not checks.check_output(torch.zeros_like(img), img, "bf16", image=True).passed
+    assert not checks.check_finite(nan, "fp32").passed and checks.check_finite(ref, "fp32").passed
+
+
+def test_summary_refuses_unchecked_results_and_names_failed_rows(tmp_path, monkeypatch, capsys):
+    timing = sys.modules["timing"]
+    clock = iter(f"2026-01-01T00:00:0{i}Z" for i in range(10))
+    info = lambda device="cpu": {"date": "2026-01-01", "time_utc": next(clock), "device": "cpu",  # noqa: E731
+                                 "processor": "p", "threads": 2, "torch": "t"}
+    monkeypatch.setattr(timing, "machine", info)
+    ok = checks.Check(True, "psnr_db", 40.0, 25.0, "bf16").as_dict()
+
+    def row(backend, precision, seconds, check):
+        t = timing.Timing(seconds, seconds, seconds, 1, 0.0, "rss", [seconds])
+        return timing.Row("end-to-end", backend, precision, 1, 1024, "ddpm", 10, t, 1e12, "paper", check=check)
+    failed = [{"stage": "unet-step", "backend": "torch-compile", "precision": "bf16", "config": "paper",
+               "batch": 1, "group": "stages", "reason": "correctness check failed",
+               "check": checks.Check(False, "rel_max_error", math.nan, None, "bf16", 4096,
+                                     "4096 of 4096 outputs not finite").as_dict()}]
+    checked = timing.write_results([row("original-style", "fp32", 1000.0, ok), row("torch-eager", "bf16", 10.0, ok)],
+                                   {}, "box", tmp_path, extra={"mode": "full", "tag": "", "headline": {},
+                                                               "failed": failed})
+    # A newer run whose rows carry no check (as before issue 20) must not replace it.
+    timing.write_results([row("torch-compile", "bf16", 1.0, None)], {}, "box", tmp_path,
+                         extra={"mode": "full", "tag": "", "headline": {}})
+    payloads = summary.latest(tmp_path)
+    assert [p["machine"]["time_utc"] for p in payloads] == [json.loads(checked.read_text())["machine"]["time_utc"]]
+    assert "refusing box-2026-01-01-2.json" in capsys.readouterr().err
+    text = summary.markdown(payloads)
+    assert "| torch-eager | bf16 | ddpm-10 | 1 | 10.0 s | 100× |" in text
+    assert "| torch-compile |" not in text
+    assert "- unet-step torch-compile bf16 `paper` batch 1: 4096 of 4096 outputs not finite" in text

@@ -1,0 +1,119 @@
+"""Issue 20: the README's fastest CPU rows once timed a torch.compile'd bf16 U-Net reported to return
+only NaN (inductor, torch 2.13.0+cpu, `small` config, seeded input, t = 500, with and without
+freezing). These compile that U-Net, and each op it was suspected of, as the benchmark does, and
+compare them with the eager float32 reference under the benchmark's own bound (checks.py), so a
+compiled path that goes wrong fails here before it is timed anywhere."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bsldm_fast.config import preset
+from bsldm_fast.modeldir import random_model
+from bsldm_fast.models.unet import AttentionBlock, GroupNorm32, timestep_embedding
+from bsldm_fast.pipeline import Pipeline
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+spec = importlib.util.spec_from_file_location("_bench_checks", BENCH / "checks.py")
+checks = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = checks
+spec.loader.exec_module(checks)
+
+pytestmark = pytest.mark.skipif(not hasattr(torch, "compile"), reason="no torch.compile")
+
+
+def _compiled(module: torch.nn.Module, freezing: bool):
+    from torch._inductor import config as inductor_config
+
+    torch._dynamo.reset()
+    compiled = torch.compile(module)
+
+    def call(*args):
+        # As run.py's _Frozen: dynamo reads `freezing` while tracing, so it is set around the call.
+        with inductor_config.patch(freezing=freezing), torch.inference_mode():
+            return compiled(*args)
+    return call
+
+
+def _check(out, ref, precision):
+    result = checks.check_output(out, ref, precision)
+    assert result.passed, result.summary()
+    return result
+
+
+@pytest.mark.parametrize("freezing", [False, True], ids=["unfrozen", "frozen"])
+def test_compiled_bf16_unet_matches_eager_fp32(freezing, gen):
+    """The issue's case: the `small` U-Net as the benchmark's torch-compile row runs it (the
+    Pipeline's denoiser: bf16, channels-last on the CPU), fresh seeded input, t = 500."""
+    model = random_model(preset("small"))
+    config = model.config
+    u = torch.randn(1, config.unet.in_channels, config.latent_size, config.latent_size, generator=gen)
+    t = torch.full((1,), 500, dtype=torch.long)
+    with torch.inference_mode():
+        ref = Pipeline(config, model.vqgan, model.unet, "cpu", "fp32").denoiser(u, t)
+    p = Pipeline(config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), "cpu", "bf16")
+    p.unet = _compiled(p.unet, freezing)
+    p.denoiser.unet = p.unet
+    out = p.denoiser(u, t)
+    assert torch.isfinite(out).all(), f"{int((~torch.isfinite(out)).sum())} of {out.numel()} not finite"
+    _check(out, ref, "bf16")
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.norm = GroupNorm32(32, channels)
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+class _Embedding(torch.nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 4 * dim), torch.nn.SiLU(), torch.nn.Linear(4 * dim, 4 * dim))
+
+    def forward(self, t):
+        return self.mlp(timestep_embedding(t, self.dim).to(self.mlp[0].weight.dtype))
+
+
+def _randomised(module: torch.nn.Module, gen: torch.Generator) -> torch.nn.Module:
+    # zero_module and GroupNorm's unit init would hide errors in the weights' paths.
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            scale = 1.0 if name.endswith("norm.weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2 + scale)
+    return module.eval()
+
+
+@pytest.mark.parametrize("freezing", [False, True], ids=["unfrozen", "frozen"])
+@pytest.mark.parametrize("op", ["groupnorm-native-bf16", "sdpa-attention-bf16", "timestep-embedding"])
+def test_each_suspected_op_compiled_in_bf16_matches_eager_fp32(op, freezing, gen):
+    """The bisection of the issue's suspects, one op at a time, in the layout the U-Net gives it:
+    GroupNorm32's half-precision CPU path (the native kernel on bf16 input, channels-last), the
+    attention block (SDPA on bf16), and the timestep embedding with its MLP."""
+    if op == "groupnorm-native-bf16":
+        module, x = _Norm(128), torch.randn(2, 128, 16, 16, generator=gen) * 3 + 1
+    elif op == "sdpa-attention-bf16":
+        module, x = AttentionBlock(128, num_head_channels=32), torch.randn(2, 128, 8, 8, generator=gen)
+    else:
+        module, x = _Embedding(128), torch.tensor([0, 500, 999])
+    module = _randomised(module, gen)
+    with torch.inference_mode():
+        ref = module(x)
+    low = copy.deepcopy(module).to(torch.bfloat16)
+    if x.is_floating_point():
+        low = low.to(memory_format=torch.channels_last)
+        x = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    out = _compiled(low, freezing)(x)
+    with torch.inference_mode():
+        eager = low(x)
+    _check(eager, ref, "bf16")  # the bound holds for eager bf16: a fair bound for the compiled op
+    _check(out, ref, "bf16")
