@@ -111,6 +111,30 @@ class DiffusionConfig:
     (scaled by sqrt(alpha_bar_t), as the original training noised it)."""
 
 
+NORMALIZATIONS = ("none", "percentile")
+
+
+@dataclass(frozen=True)
+class InputNormalization:
+    """An intensity normalisation of the input before the model, inverted on its output.
+
+    Radiographs from other scanners come with other display curves; 'percentile' maps the input's
+    `low_percentile` / `high_percentile` grey levels linearly onto `low_value` / `high_value` (where
+    the model's training images had them), runs the model, and maps the result back with the
+    inverse, so the output keeps the input's own scale. 'none' (the default) is the original
+    mapping, which the official weights expect.
+    """
+
+    mode: str = "none"
+    """'none' or 'percentile'."""
+    low_percentile: float = 1.0
+    high_percentile: float = 99.0
+    low_value: float = 0.0
+    """Where the low percentile lands, on the model's [0, 1] display scale."""
+    high_value: float = 1.0
+    """Where the high percentile lands, on the model's [0, 1] display scale."""
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a BS-LDM model; serialised as `config.json` beside the weights."""
@@ -122,6 +146,7 @@ class ModelConfig:
     vqgan: VQGANConfig = field(default_factory=VQGANConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    input_normalization: InputNormalization = field(default_factory=InputNormalization)
     version: int = CONFIG_VERSION
     """Format version of this file."""
 
@@ -176,7 +201,8 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
         )
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        nested = {"vqgan": VQGANConfig, "unet": UNetConfig, "diffusion": DiffusionConfig}
+        nested = {"vqgan": VQGANConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
+                  "input_normalization": InputNormalization}
         if cls is ModelConfig and name in nested:
             kwargs[name] = _from_dict(nested[name], value, f"{where}.{name}")
         elif isinstance(value, list):
@@ -222,6 +248,12 @@ def validate(config: ModelConfig) -> None:
         raise ValueError(f"unknown beta_schedule {d.beta_schedule!r}")
     if d.condition_scaling not in ("none", "original"):
         raise ValueError(f"unknown condition_scaling {d.condition_scaling!r}")
+    n = config.input_normalization
+    if n.mode not in NORMALIZATIONS:
+        raise ValueError(f"input_normalization.mode: {n.mode!r} is not one of {NORMALIZATIONS}")
+    if not (n.low_percentile < n.high_percentile and n.low_value < n.high_value):
+        raise ValueError("input_normalization: low_percentile < high_percentile and "
+                         "low_value < high_value are required")
     _check_heads(config)
     _check_size(config)
 
@@ -273,6 +305,10 @@ LIMITS: dict[str, tuple[float, float]] = {
     "diffusion.offset_noise_coefficient": (0.0, 100.0),
     "diffusion.clip_range_start": (0.0, 1e6),
     "diffusion.clip_range_rate": (0.0, 1e6),
+    "input_normalization.low_percentile": (0.0, 100.0),
+    "input_normalization.high_percentile": (0.0, 100.0),
+    "input_normalization.low_value": (-1.0, 2.0),
+    "input_normalization.high_value": (-1.0, 2.0),
 }
 """Inclusive bounds of every numeric field (and of the length of each list, `FIELD#`)."""
 

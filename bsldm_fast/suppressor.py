@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import modeldir
+from . import modeldir, normalization
 from .diffusion import SAMPLERS
 from .io.batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
 from .io.dicom import Provenance
@@ -142,17 +142,20 @@ class Suppressor:
 
     def _unit_batch(self, units: list[np.ndarray]) -> list[np.ndarray]:
         size = (self.config.image_size, self.config.image_size)
-        inputs = []
+        inputs, maps = [], []
         for unit in units:
             if unit.ndim != 2 or min(unit.shape) < 2:
                 raise ValueError(f"image of shape {unit.shape} is too small")
-            inputs.append(_resize(torch.from_numpy(np.asarray(unit, np.float32))[None, None], size))
+            image = _resize(torch.from_numpy(np.asarray(unit, np.float32))[None, None], size)
+            scale, offset = normalization.affine(image, self.config.input_normalization)
+            inputs.append(image * scale + offset)
+            maps.append((scale, offset))
         batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
         soft = self.pipeline.run(batch, [self.seed] * len(units), self.sampler, self.steps,
                                  self.offset_noise)
         soft = ((soft.float() + 1.0) / 2.0).cpu()
-        return [np.clip(_resize(s[None], unit.shape)[0, 0].numpy(), 0.0, 1.0)
-                for s, unit in zip(soft, units)]
+        return [np.clip(_resize(normalization.invert(s[None], *m), unit.shape)[0, 0].numpy(), 0.0, 1.0)
+                for s, m, unit in zip(soft, maps, units)]
 
     def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         for image in images:
