@@ -226,8 +226,9 @@ class LDMStage(Stage):
     def __init__(self, config: TrainConfig, model_config: ModelConfig, ctx: Context,
                  steps_per_epoch: int, vqgan: VQGAN):
         super().__init__(config, model_config, ctx)
-        self.vqgan = vqgan.to(ctx.device).eval().requires_grad_(False)
-        self.unet = UNet(model_config.unet).to(ctx.device).train()
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.vqgan = vqgan.to(ctx.device, memory_format=self.memory_format).eval().requires_grad_(False)
+        self.unet = UNet(model_config.unet).to(ctx.device, memory_format=self.memory_format).train()
         self.model = _wrap(self.unet, ctx)
         self.ema = EMA(self.unet, config.ema_decay)
         self.opt = torch.optim.AdamW(self.unet.parameters(), lr=config.lr)
@@ -258,15 +259,15 @@ class LDMStage(Stage):
     def _loss(self, model: nn.Module, batch: Any, key: tuple[int, ...]) -> torch.Tensor:
         cxr, bs, indices = batch
         with torch.no_grad():
-            c = self.vqgan.encode_latent(cxr.to(self.ctx.device, non_blocking=True).float())
-            x0 = self.vqgan.encode_latent(bs.to(self.ctx.device, non_blocking=True).float())
+            images = torch.cat([cxr, bs]).to(self.ctx.device, non_blocking=True).float()
+            c, x0 = self.vqgan.encode_latent(images.contiguous(memory_format=self.memory_format)).chunk(2)
         t, eps = self._draws(indices, tuple(x0.shape[1:]), *key)
         a = self.sqrt_ab[t].view(-1, 1, 1, 1)
         x_t = a * x0 + self.sqrt_1m_ab[t].view(-1, 1, 1, 1) * eps
         # 'original': the original noised cat(soft, cxr) with zero noise on the CXR half.
         cond = c * a if self.model_config.diffusion.condition_scaling == "original" else c
         with self.autocast():
-            pred = model(torch.cat([x_t, cond], dim=1), t)
+            pred = model(torch.cat([x_t, cond], dim=1).contiguous(memory_format=self.memory_format), t)
         return F.mse_loss(pred[:, : self.channels].float(), eps)
 
     def train_step(self, batch: Any, epoch: int, sync: bool = True, scale: float = 1.0) -> dict[str, float]:

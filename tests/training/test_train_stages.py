@@ -125,3 +125,21 @@ def test_gradient_accumulation_equals_the_whole_batch(pairs, tmp_path, tiny_vqga
         stage.train_step((cxr[part], bs[part], idx[part]), epoch=1, sync=part.start == 2, scale=0.5)
     for g, p in zip(whole, stage.unet.parameters()):
         torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
+def test_channels_last_ldm_gives_the_same_loss_and_gradients(pairs, tmp_path, tiny_vqgan_dir):
+    """--channels-last only changes the memory layout: same loss and U-Net gradients (fp32 rounding)."""
+    batch = _batch(pairs, 2)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        stage = _stage(tiny_config("ldm", pairs, tmp_path / f"run{channels_last}", vqgan=str(tiny_vqgan_dir),
+                                   channels_last=channels_last))
+        loss = stage._loss(stage.model, batch, (TRAIN_NOISE_STREAM, 0))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in stage.unet.parameters()]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in grads_a)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b.contiguous(), a, rtol=1e-3, atol=1e-5)
