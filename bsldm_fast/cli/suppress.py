@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"interrupted: outputs written so far are complete; report: {where}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("interrupted before any image was processed; nothing was written", file=sys.stderr)
+        print("interrupted before any image was processed", file=sys.stderr)
         return 130
 
 

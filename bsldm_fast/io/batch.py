@@ -277,7 +277,10 @@ def prepare_output(inputs: Sequence[str | Path], jobs: Sequence[Job], out_dir: s
         raise ImageError(f"output folder {out_dir} is {describe_path(out_dir)}, not a folder")
     report = report_path(out_dir, options)
     _check_report_path(report, inputs, jobs, out_dir, options)
-    for folder, what in ((out_dir, "output folder"), (report.parent, "report's folder")):
+    folders = [(out_dir, "output folder")]
+    if _resolved(report.parent) != _resolved(out_dir):
+        folders.append((report.parent, "report's folder"))
+    for folder, what in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             _probe(folder)
