@@ -243,6 +243,9 @@ def _restore(stage: Stage, path: Path, config: TrainConfig) -> tuple[int, int, i
     if state["stage"] != config.stage:
         raise checkpoint.CheckpointError(f"{path} is a {state['stage']} checkpoint, not {config.stage}")
     saved = ModelConfig.from_dict(state["model_config"])
+    # The input normalisation maps pixels before and after the model; no weight depends on it, so
+    # a run may resume with another one (it goes into the export).
+    saved = saved.replace(input_normalization=stage.model_config.input_normalization)
     if saved != stage.model_config:
         raise checkpoint.CheckpointError(f"{path} was trained with another model config than this run's")
     old = state["train_config"]
