@@ -264,11 +264,12 @@ def load(model_dir: str | Path) -> Model:
 
 DEMO_NAME = "demo"
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo_model"
-"""The bundled demonstration model (trained on synthetic phantoms; see its README.md)."""
+"""The bundled demonstration model (512 px, trained from real SZCH pairs with the data engine; see
+its README.md)."""
 
 
 def resolve(spec: str | Path) -> Model:
-    """A model from a directory, 'demo' (the bundled phantom-trained demo) or an untrained one from
+    """A model from a directory, 'demo' (the bundled demonstration model) or an untrained one from
     'random:<config>' (e.g. 'random:tiny')."""
     text = str(spec)
     if text.startswith("random:"):

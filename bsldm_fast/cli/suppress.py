@@ -20,9 +20,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "demo"
 
 DEMO_MODEL_NOTE = (
-    "NOTE: the bundled demo model was trained on synthetic phantoms only. It shows the engine "
-    "working; it is NOT for clinical use. See bsldm_fast/assets/demo_model/README.md for how to "
-    "get real weights."
+    "NOTE: the bundled demo model (512 px) was trained from two real SZCH-X-Rays pairs multiplied "
+    "by the data engine, on a CPU. It suppresses bones on real radiographs but is NOT for clinical "
+    "use. See bsldm_fast/assets/demo_model/README.md for what it was trained on and how well it does."
 )
 
 RANDOM_MODEL_WARNING = (
@@ -50,8 +50,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="model directory (config.json + safetensors); 'demo', the bundled model "
-                        "trained on synthetic phantoms (a demonstration, not for clinical use); or "
-                        f"random:tiny|small|paper for an untrained model (default: {DEFAULT_MODEL})")
+                        "(512 px, trained from two real pairs with the data engine; not for "
+                        "clinical use); or random:tiny|small|paper for an untrained model "
+                        f"(default: {DEFAULT_MODEL})")
     p.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLERS,
                    help="ddpm (the paper's ancestral sampler; with --steps 1000 the original loop), "
                         "ddim, or dpmpp (DPM-Solver++(2M)); default: " + DEFAULT_SAMPLER)

@@ -1,0 +1,143 @@
+"""End-to-end speed of the bundled model on the CPU, checked before it is timed.
+
+    python benchmarks/bundled_model.py [--model demo] [--threads N] [--repeats 3] [--k 20]
+
+Rows (one image at a time, the bundled SZCH samples as input, 1024 px uint8 in and out):
+- original-style: the original BS-LDM loop (fp32 eager, diffusers' DDPMScheduler rebuilt every
+  step, 1000 steps), `benchmarks/original_style.py`; k steps are timed and the loop is scaled to
+  1000 (the row says so). The baseline of every ratio.
+- Suppressor fp32 / bf16 with the default sampler (DDPM, 10 steps): what `bsldm-fast suppress`
+  runs, file decoding aside: normalisation, resize, encode, sample, decode, resize back.
+Before a product row is timed, its pipeline's output on the first sample is compared with the plain
+PyTorch reference (fp32, unfused reference sampler, same seed and noise): at least FP32_MIN_PSNR
+dB for fp32, BF16_MIN_PSNR dB for bf16; a row that fails is recorded as failed, not timed.
+Writes benchmarks/results/bundled-model-<machine>-<date>.json with `lscpu`'s model and flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bsldm_fast import Suppressor, modeldir, normalization  # noqa: E402
+from bsldm_fast.io import read_image  # noqa: E402
+from bsldm_fast.io.intensity import to_unit  # noqa: E402
+from bsldm_fast.pipeline import Pipeline  # noqa: E402
+from original_style import OriginalStyle  # noqa: E402
+from timing import machine, machine_slug, measure  # noqa: E402
+
+FP32_MIN_PSNR = 60.0
+"""fp32 fused path vs the reference, PSNR on the [0, 1] output scale. Not a max-error bound: the
+fused quantiser may settle a near-tie between two codes the other way (one latent position, a
+local error of about 0.02), which float32 rounding allows; the image as a whole measured 72 dB.
+A wrong kernel or a NaN gives far less."""
+BF16_MIN_PSNR = 35.0
+"""bf16 vs the fp32 reference, PSNR on the [0, 1] output scale: 8-bit mantissas in the networks
+give about 45 dB here; a broken path gives far less."""
+
+
+def lscpu() -> dict[str, str]:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {"model": fields.get("Model name", "").strip(), "flags": fields.get("Flags", "").strip()}
+
+
+def check(model: modeldir.Model, precision: str, unit: np.ndarray, seed: int) -> dict:
+    """The product pipeline vs the fp32 reference pipeline on one model-size input."""
+    size = model.config.image_size
+    image = torch.nn.functional.interpolate(torch.from_numpy(unit.astype(np.float32))[None, None],
+                                            size=(size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)
+    scale, offset = normalization.affine(image, model.config.input_normalization)
+    x = (image * scale + offset) * 2 - 1
+    reference = Pipeline(model.config, model.vqgan, model.unet, "cpu", "fp32", "reference").run(x, [seed])
+    product = Suppressor(model, device="cpu", precision=precision, seed=seed).pipeline.run(x, [seed])
+    diff = (product.float() - reference).abs()
+    finite = bool(torch.isfinite(product).all())
+    mse = float(((diff / 2) ** 2).mean())
+    psnr = 10 * math.log10(1 / mse) if mse > 0 else math.inf
+    bound = FP32_MIN_PSNR if precision == "fp32" else BF16_MIN_PSNR
+    return {"finite": finite, "max_abs": float(diff.max()), "psnr_db": psnr,
+            "passed": finite and psnr >= bound, "bound": f"psnr >= {bound} dB"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="demo")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--k", type=int, default=20, help="original-style steps timed (of 1000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = modeldir.resolve(args.model)
+    samples = sorted((ROOT / "assets" / "szch_samples" / "cxr").glob("*.png"))
+    images = [read_image(p) for p in samples]
+    cpu = lscpu()
+    print(f"CPU: {cpu.get('model', '?')}\nflags: {cpu.get('flags', '?')}\ntorch threads: "
+          f"{torch.get_num_threads()}", flush=True)
+    rows = []
+
+    # The baseline: the original loop, k of its 1000 steps timed, then scaled.
+    loop = OriginalStyle(model.vqgan, model.unet, model.config.diffusion)
+    size = model.config.image_size
+    x = torch.nn.functional.interpolate(torch.from_numpy(to_unit(images[0])[0].astype(np.float32))[None, None],
+                                        size=(size, size), mode="bilinear", antialias=True,
+                                        align_corners=False) * 2 - 1
+    runs = [loop.run(x, max_steps=args.k)[1] for _ in range(2)]
+    estimate = min(r.estimate() for r in runs)
+    rows.append({"row": "original-style fp32 DDPM-1000", "seconds_per_image": estimate,
+                 "note": f"{args.k} of {runs[0].total_steps} steps timed, 2 runs, scaled"})
+    print(f"{rows[-1]['row']:40s} {estimate:8.2f} s/image (scaled from {args.k} steps)", flush=True)
+
+    for precision in ("fp32", "bf16"):
+        name = f"Suppressor {precision} DDPM-10 (default sampler)"
+        result = check(model, precision, to_unit(images[0])[0], args.seed)
+        if not result["passed"]:
+            rows.append({"row": name, "failed": result})
+            print(f"{name:40s} FAILED its check: {result}", flush=True)
+            continue
+        s = Suppressor(model, device="cpu", precision=precision, seed=args.seed, batch_size=1)
+        s(images[0])  # warm-up (first-call allocations, kernel selection)
+        timing = measure(lambda: [s(image) for image in images], warmup=0, repeats=args.repeats)
+        per_image = timing.median / len(images)
+        rows.append({"row": name, "seconds_per_image": per_image, "check": result,
+                     "speedup_vs_original_style": estimate / per_image,
+                     "repeats_s": [t / len(images) for t in timing.times]})
+        print(f"{name:40s} {per_image:8.2f} s/image  {estimate / per_image:7.0f}x  "
+              f"(check: max_abs {result['max_abs']:.2e}, {result['psnr_db']:.1f} dB)", flush=True)
+
+    info = machine()
+    record = {"machine": info, "lscpu": cpu, "model": str(model.source), "config": model.config.to_dict(),
+              "images": [p.name for p in samples], "rows": rows}
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"bundled-model-{machine_slug(info)}-{time.strftime('%Y-%m-%d')}.json"
+    n = 2
+    while path.exists():  # never overwrite an earlier result
+        path = path.with_name(f"{path.stem.rsplit('-run', 1)[0]}-run{n}.json")
+        n += 1
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Quality on held-out real radiographs: models against the identity, at 1024 px, the paper's metrics.
+
+    python benchmarks/real_quality.py --pairs assets/szch_samples --held-out 2 \
+        --model new=runs/szch01/model --model demo-2026-11=path/to/old_demo [--steps 10] [--seed 0]
+
+For every held-out pair (pairs/cxr/NAME.png, pairs/soft/NAME.png): BSR, MSE, PSNR and SSIM of
+- the identity (the CXR itself as the soft-tissue prediction),
+- each model's soft-tissue image (`Suppressor`, the product's path, fp32 unless --precision),
+- each model's VQGAN round trip of the real CXR and the real soft tissue (PSNR at 1024 px), which
+  bounds what its LDM can reach.
+A model directory that lists the pair among its training data (`training_data.json`, written by the
+data engine's export) is refused for that pair: a held-out number must come from a model that never
+saw the pair. Writes RESULTS.json, RESULTS.csv and a figure CXR | each model | real soft tissue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import csv
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bsldm_fast import Suppressor, metrics, modeldir  # noqa: E402
+from bsldm_fast.io import read_image  # noqa: E402
+
+from bsldm_fast.training.trainer import TRAINING_DATA_FILE  # noqa: E402
+
+
+def trained_on(model_dir: Path) -> list[str] | None:
+    """The real pairs that trained a model directory, or None when it does not say."""
+    path = model_dir / TRAINING_DATA_FILE
+    if not path.is_file():
+        return None
+    pairs = json.loads(path.read_text()).get("real_pairs")
+    return None if pairs is None else [str(n) for n in pairs]
+
+
+def _unit(path: Path) -> np.ndarray:
+    return metrics.to_unit(read_image(path))
+
+
+def _resize(image: np.ndarray, size: int) -> np.ndarray:
+    t = torch.from_numpy(image.astype(np.float32))[None, None]
+    shrinking = size < image.shape[-1]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=shrinking)[0, 0].numpy()
+
+
+@torch.no_grad()
+def round_trip(model: modeldir.Model, image: np.ndarray) -> np.ndarray:
+    """The model's VQGAN reconstruction of a [0, 1] image, back at the image's size."""
+    size = model.config.image_size
+    x = torch.from_numpy(_resize(image, size))[None, None] * 2 - 1
+    y = (model.vqgan.eval()(x).clamp(-1, 1) + 1) / 2
+    return np.clip(_resize(y[0, 0].numpy(), image.shape[-1]), 0, 1)
+
+
+def parse_curve(spec: str):
+    """'gamma:G' -> x**G; 'linear:A:B' -> A + B*x (clipped to [0, 1])."""
+    kind, *values = spec.split(":")
+    numbers = [float(v) for v in values]
+    if kind == "gamma" and len(numbers) == 1:
+        return lambda x: np.clip(x, 0, 1) ** numbers[0]
+    if kind == "linear" and len(numbers) == 2:
+        return lambda x: np.clip(numbers[0] + numbers[1] * x, 0, 1)
+    raise SystemExit(f"--curve {spec!r}: expected 'gamma:G' or 'linear:A:B'")
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
+                    if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", default=str(ROOT / "assets" / "szch_samples"),
+                        help="folder with cxr/NAME.png and soft/NAME.png")
+    parser.add_argument("--held-out", required=True, help="comma-separated pair names to score")
+    parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
+                        help="a model directory to score (repeatable); DIR may be 'demo'; "
+                             "DIR?normalization=MODE overrides its input normalisation")
+    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the library's)")
+    parser.add_argument("--sampler", default="ddpm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="fp32")
+    parser.add_argument("--curve", action="append", default=[], metavar="SPEC",
+                        help="also score under another display curve applied to both the CXR and "
+                             "the soft tissue, as another scanner would show them: 'gamma:G' "
+                             "(x**G) or 'linear:A:B' (A + B*x); repeatable")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "real-quality"),
+                        help="results prefix (.json, .csv and .png are added)")
+    args = parser.parse_args(argv)
+
+    pairs = Path(args.pairs)
+    names = [n.strip() for n in args.held_out.split(",") if n.strip()]
+    models = []
+    for spec in args.model:
+        name, _, where = spec.partition("=")
+        if not where:
+            parser.error(f"--model takes NAME=DIR, got {spec!r}")
+        where, _, option = where.partition("?")
+        model = modeldir.resolve(where)
+        if option:  # 'normalization=MODE': the same weights with another input normalisation
+            key, _, mode = option.partition("=")
+            if key != "normalization":
+                parser.error(f"--model {spec!r}: the only option is '?normalization=MODE'")
+            norm = dataclasses.replace(model.config.input_normalization, mode=mode)
+            model = dataclasses.replace(model, config=model.config.replace(input_normalization=norm))
+        seen = trained_on(Path(model.source)) if model.source and Path(model.source).is_dir() else None
+        models.append((name, where, model, seen))
+
+    curves = [("as stored", lambda x: x)] + [(spec, parse_curve(spec)) for spec in args.curve]
+    rows, figure_rows = [], []
+    for pair, (curve_name, curve) in ((p, c) for c in curves for p in names):
+        cxr = curve(_unit(pairs / "cxr" / f"{pair}.png"))
+        soft = curve(_unit(pairs / "soft" / f"{pair}.png"))
+        identity = metrics.evaluate(cxr, soft, cxr).as_dict()
+        rows.append({"pair": pair, "curve": curve_name, "method": "identity", "trained_on": "",
+                     **identity})
+        panels = [cxr]
+        for name, where, model, seen in models:
+            if seen is not None and pair in seen:
+                raise SystemExit(f"{where} was trained on pair {pair}; it cannot be scored on it")
+            s = Suppressor(model, device="cpu", sampler=args.sampler, steps=args.steps,
+                           seed=args.seed, precision=args.precision, batch_size=1)
+            pred = s.suppress_unit([cxr])[0].astype(np.float64)
+            scores = metrics.evaluate(pred, soft, cxr).as_dict()
+            rows.append({"pair": pair, "curve": curve_name, "method": name,
+                         "trained_on": "unknown" if seen is None else ",".join(seen) or "none",
+                         **scores,
+                         "vq_psnr_cxr": metrics.psnr(cxr, round_trip(model, cxr)),
+                         "vq_psnr_soft": metrics.psnr(soft, round_trip(model, soft))})
+            panels.append(pred)
+        panels.append(soft)
+        if curve_name == "as stored":
+            figure_rows.append(np.concatenate([_resize(p, 512) for p in panels], axis=1))
+        for row in rows[-len(models) - 1:]:
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in row.items() if v is not None), flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"curves": [c for c, _ in curves], "cpu": cpu_model(), "torch": torch.__version__, "pairs": str(pairs), "held_out": names,
+              "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+              "precision": args.precision,
+              "models": {name: {"dir": where, "trained_on": seen} for name, where, _, seen in models},
+              "rows": rows}
+    out.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+    keys = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k)
+                  if k in rows[-1] else 99)
+    with out.with_suffix(".csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    from PIL import Image
+
+    grid = np.concatenate(figure_rows, axis=0)
+    Image.fromarray(np.rint(np.clip(grid, 0, 1) * 255).astype(np.uint8)).save(out.with_suffix(".png"))
+    print(f"wrote {out}.json/.csv/.png", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
