@@ -4,6 +4,7 @@ checkpoints, resume and the final export. One process or many (torchrun), the sa
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -243,9 +244,13 @@ def _restore(stage: Stage, path: Path, config: TrainConfig) -> tuple[int, int, i
     if state["stage"] != config.stage:
         raise checkpoint.CheckpointError(f"{path} is a {state['stage']} checkpoint, not {config.stage}")
     saved = ModelConfig.from_dict(state["model_config"])
-    # The input normalisation maps pixels before and after the model; no weight depends on it, so
-    # a run may resume with another one (it goes into the export).
-    saved = saved.replace(input_normalization=stage.model_config.input_normalization)
+    # The input normalisation (pixels before and after the model) and dynamic clipping (sampling
+    # only: training never clips) shape no weight, so a run may resume with other ones; the
+    # export takes the new ones.
+    current = stage.model_config
+    diffusion = dataclasses.replace(saved.diffusion, **{k: getattr(current.diffusion, k) for k in (
+        "clip_sample", "clip_range_start", "clip_range_rate")})
+    saved = saved.replace(input_normalization=current.input_normalization, diffusion=diffusion)
     if saved != stage.model_config:
         raise checkpoint.CheckpointError(f"{path} was trained with another model config than this run's")
     old = state["train_config"]

@@ -195,8 +195,11 @@ def test_crop_size_larger_than_the_image_is_refused(pairs):
 
 
 def test_resume_may_change_the_input_normalisation_but_not_the_network(tmp_path, tiny_vqgan_dir):
-    """No weight depends on the input normalisation, so a run resumes with another one, and the
-    export carries the new one; a change of the network itself is still refused."""
+    """No weight depends on the input normalisation or on dynamic clipping (training never clips),
+    so a run resumes with other ones, and the export carries them; a change of the network itself
+    is still refused."""
+    import dataclasses
+
     from bsldm_fast.config import InputNormalization, preset
 
     pairs = make_pairs(tmp_path / "data", count=6, size=64)
@@ -205,10 +208,12 @@ def test_resume_may_change_the_input_normalisation_but_not_the_network(tmp_path,
     options = dict(model=str(model), vqgan=str(tiny_vqgan_dir), max_steps=1, checkpoint_every_steps=1)
     trainer.train(tiny_config("ldm", pairs, tmp_path / "run", **options))
     norm = InputNormalization("percentile", low_value=0.05, high_value=0.95)
-    model.write_text(preset("tiny").replace(input_normalization=norm).to_json())
+    clip = dataclasses.replace(preset("tiny").diffusion, clip_range_start=2.7)
+    model.write_text(preset("tiny").replace(input_normalization=norm, diffusion=clip).to_json())
     trainer.train(tiny_config("ldm", pairs, tmp_path / "run", resume="auto", **{**options, "max_steps": 2}))
     exported = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
     assert exported["input_normalization"]["mode"] == "percentile"
+    assert exported["diffusion"]["clip_range_start"] == 2.7
     model.write_text(preset("tiny").replace(unet=preset("tiny").unet.__class__(
         **{**preset("tiny").unet.__dict__, "num_res_blocks": 2})).to_json())
     with pytest.raises(checkpoint.CheckpointError, match="another model config"):
