@@ -9,8 +9,9 @@ Rows (one image at a time, the bundled SZCH samples as input, 1024 px uint8 in a
 - Suppressor fp32 / bf16 with the default sampler (DDPM, 10 steps): what `bsldm-fast suppress`
   runs, file decoding aside: normalisation, resize, encode, sample, decode, resize back.
 Before a product row is timed, its pipeline's output on the first sample is compared with the plain
-PyTorch reference (fp32, unfused reference sampler, same seed and noise): at least FP32_MIN_PSNR
-dB for fp32, BF16_MIN_PSNR dB for bf16; a row that fails is recorded as failed, not timed.
+PyTorch reference (fp32, unfused reference sampler, same seed and noise) with the project's one set
+of bounds (`benchmarks/checks.py`: PSNR of the image); a row that fails is recorded as failed, not
+timed.
 Writes benchmarks/results/bundled-model-<machine>-<date>.json with `lscpu`'s model and flags.
 """
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -36,16 +36,8 @@ from bsldm_fast.io import read_image  # noqa: E402
 from bsldm_fast.io.intensity import to_unit  # noqa: E402
 from bsldm_fast.pipeline import Pipeline  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
+from checks import check_output, tolerances  # noqa: E402
 from timing import machine, machine_slug, measure  # noqa: E402
-
-FP32_MIN_PSNR = 60.0
-"""fp32 fused path vs the reference, PSNR on the [0, 1] output scale. Not a max-error bound: the
-fused quantiser may settle a near-tie between two codes the other way (one latent position, a
-local error of about 0.02), which float32 rounding allows; the image as a whole measured 72 dB.
-A wrong kernel or a NaN gives far less."""
-BF16_MIN_PSNR = 35.0
-"""bf16 vs the fp32 reference, PSNR on the [0, 1] output scale: 8-bit mantissas in the networks
-give about 45 dB here; a broken path gives far less."""
 
 
 def lscpu() -> dict[str, str]:
@@ -67,13 +59,7 @@ def check(model: modeldir.Model, precision: str, unit: np.ndarray, seed: int) ->
     x = (image * scale + offset) * 2 - 1
     reference = Pipeline(model.config, model.vqgan, model.unet, "cpu", "fp32", "reference").run(x, [seed])
     product = Suppressor(model, device="cpu", precision=precision, seed=seed).pipeline.run(x, [seed])
-    diff = (product.float() - reference).abs()
-    finite = bool(torch.isfinite(product).all())
-    mse = float(((diff / 2) ** 2).mean())
-    psnr = 10 * math.log10(1 / mse) if mse > 0 else math.inf
-    bound = FP32_MIN_PSNR if precision == "fp32" else BF16_MIN_PSNR
-    return {"finite": finite, "max_abs": float(diff.max()), "psnr_db": psnr,
-            "passed": finite and psnr >= bound, "bound": f"psnr >= {bound} dB"}
+    return check_output(product, reference, precision, image=True).as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for precision in ("fp32", "bf16"):
         name = f"Suppressor {precision} DDPM-10 (default sampler)"
         result = check(model, precision, to_unit(images[0])[0], args.seed)
-        if not result["passed"]:
+        if not result["passed"]:  # never timed, never in a ratio
             rows.append({"row": name, "failed": result})
             print(f"{name:40s} FAILED its check: {result}", flush=True)
             continue
@@ -122,10 +108,10 @@ def main(argv: list[str] | None = None) -> int:
                      "speedup_vs_original_style": estimate / per_image,
                      "repeats_s": [t / len(images) for t in timing.times]})
         print(f"{name:40s} {per_image:8.2f} s/image  {estimate / per_image:7.0f}x  "
-              f"(check: max_abs {result['max_abs']:.2e}, {result['psnr_db']:.1f} dB)", flush=True)
+              f"(check: {result['value']:.1f} dB >= {result['bound']:g})", flush=True)
 
     info = machine()
-    record = {"machine": info, "lscpu": cpu, "model": str(model.source), "config": model.config.to_dict(),
+    record = {"machine": info, "lscpu": cpu, "tolerances": tolerances(), "model": str(model.source), "config": model.config.to_dict(),
               "images": [p.name for p in samples], "rows": rows}
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
