@@ -35,6 +35,7 @@ from bsldm_fast import Suppressor, modeldir, normalization  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
 from bsldm_fast.io.intensity import to_unit  # noqa: E402
 from bsldm_fast.pipeline import Pipeline  # noqa: E402
+from bsldm_fast.training.data import resize  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
 from checks import check_output, tolerances  # noqa: E402
 from timing import machine, machine_slug, measure  # noqa: E402
@@ -49,17 +50,18 @@ def lscpu() -> dict[str, str]:
     return {"model": fields.get("Model name", "").strip(), "flags": fields.get("Flags", "").strip()}
 
 
-def check(model: modeldir.Model, precision: str, unit: np.ndarray, seed: int) -> dict:
-    """The product pipeline vs the fp32 reference pipeline on one model-size input."""
-    size = model.config.image_size
-    image = torch.nn.functional.interpolate(torch.from_numpy(unit.astype(np.float32))[None, None],
-                                            size=(size, size), mode="bilinear", antialias=True,
-                                            align_corners=False)
+def model_input(model: modeldir.Model, unit: np.ndarray) -> torch.Tensor:
+    """A [0, 1] image as the Suppressor feeds its pipeline: resized, normalised, in [-1, 1]."""
+    image = resize(torch.from_numpy(unit.astype(np.float32))[None, None], model.config.image_size)
     scale, offset = normalization.affine(image, model.config.input_normalization)
-    x = (image * scale + offset) * 2 - 1
+    return (image * scale + offset) * 2 - 1
+
+
+def check(model: modeldir.Model, suppressor: Suppressor, x: torch.Tensor, seed: int) -> dict:
+    """The suppressor's pipeline vs the fp32 reference pipeline on one model-size input."""
     reference = Pipeline(model.config, model.vqgan, model.unet, "cpu", "fp32", "reference").run(x, [seed])
-    product = Suppressor(model, device="cpu", precision=precision, seed=seed).pipeline.run(x, [seed])
-    return check_output(product, reference, precision, image=True).as_dict()
+    product = suppressor.pipeline.run(x, [seed])
+    return check_output(product, reference, suppressor.pipeline.precision, image=True).as_dict()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The baseline: the original loop, k of its 1000 steps timed, then scaled.
     loop = OriginalStyle(model.vqgan, model.unet, model.config.diffusion)
-    size = model.config.image_size
-    x = torch.nn.functional.interpolate(torch.from_numpy(to_unit(images[0])[0].astype(np.float32))[None, None],
-                                        size=(size, size), mode="bilinear", antialias=True,
-                                        align_corners=False) * 2 - 1
+    x = model_input(model, to_unit(images[0])[0])
     runs = [loop.run(x, max_steps=args.k)[1] for _ in range(2)]
     estimate = min(r.estimate() for r in runs)
     rows.append({"row": "original-style fp32 DDPM-1000", "seconds_per_image": estimate,
@@ -95,12 +94,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for precision in ("fp32", "bf16"):
         name = f"Suppressor {precision} DDPM-10 (default sampler)"
-        result = check(model, precision, to_unit(images[0])[0], args.seed)
+        s = Suppressor(model, device="cpu", precision=precision, seed=args.seed, batch_size=1)
+        result = check(model, s, x, args.seed)
         if not result["passed"]:  # never timed, never in a ratio
             rows.append({"row": name, "failed": result})
             print(f"{name:40s} FAILED its check: {result}", flush=True)
             continue
-        s = Suppressor(model, device="cpu", precision=precision, seed=args.seed, batch_size=1)
         s(images[0])  # warm-up (first-call allocations, kernel selection)
         timing = measure(lambda: [s(image) for image in images], warmup=0, repeats=args.repeats)
         per_image = timing.median / len(images)

@@ -26,13 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bsldm_fast import Suppressor, metrics, modeldir  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
+from bsldm_fast.training.data import resize  # noqa: E402
 
 from bsldm_fast.training.trainer import TRAINING_DATA_FILE  # noqa: E402
 
@@ -51,10 +51,7 @@ def _unit(path: Path) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(image.astype(np.float32))[None, None]
-    shrinking = size < image.shape[-1]
-    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=shrinking)[0, 0].numpy()
+    return resize(torch.from_numpy(image.astype(np.float32))[None, None], size)[0, 0].numpy()
 
 
 @torch.no_grad()

@@ -189,9 +189,10 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    t = torch.from_numpy(image.astype(np.float32))[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
-                         align_corners=False)[0, 0].numpy()
+    # The training loader's resize, so engine images shrink exactly as training and inference do.
+    from ..training.data import resize
+
+    return resize(torch.from_numpy(image.astype(np.float32))[None, None], size)[0, 0].numpy()
 
 
 class Engine:
@@ -204,7 +205,7 @@ class Engine:
         # Everything is drawn at the output size: warping at 1024 px and shrinking after costs 4x.
         self.size = size
         self.pairs = [(_resize(c, size).astype(np.float64), _resize(s, size).astype(np.float64))
-                      if c.shape[-1] != size else (c, s) for c, s in pairs]
+                      for c, s in pairs]
         self.config = config
         self.seed = seed
         self.tone_map = ToneMap.fit([s for _, s in self.pairs], [c for c, _ in self.pairs])
