@@ -11,6 +11,7 @@ from ..diffusion import SAMPLERS
 from ..engines.gpu_pipeline import BACKENDS
 from ..io import ImageError, find_images
 from ..io.batch import REPORT_NAME, BatchInterrupted, BatchOptions, prepare_output, run_batch
+from ..io.ranks import agree, broadcast
 from ..io.images import MAX_PIXELS, MAX_SIDE, MIN_SIDE
 from ..modeldir import DEMO_DIR
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
@@ -44,7 +45,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "run into the same OUTDIR is refused. A file that fails is reported and skipped; the exit "
         f"code is 1 if any failed, 2 if nothing could start, 130 on Ctrl-C, and OUTDIR/{REPORT_NAME} "
         f"lists every input with its outcome. Images must be {MIN_SIDE} to {MAX_SIDE} px a side "
-        f"and at most {MAX_PIXELS / 1e6:.1f} Mpx.",
+        f"and at most {MAX_PIXELS / 1e6:.1f} Mpx. Under torchrun (`torchrun --nproc_per_node N "
+        "-m bsldm_fast.cli suppress ...`) the inputs are split between the ranks, each on its own "
+        "device (GPU LOCAL_RANK), and rank 0 writes the one report.",
     )
     p.add_argument("inputs", nargs="+", metavar="IN", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder")
@@ -91,57 +94,91 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import join, leave
+
     try:
-        return _run(args)
+        group = join()  # a plain run: SOLO, and nothing distributed happens
+    except (RuntimeError, ValueError) as error:
+        print(f"error: cannot join the torchrun job: {error}", file=sys.stderr)
+        return 2
+    try:
+        return _run(args, group)
     except BatchInterrupted as stop:
         print(stop.result.summary(), file=sys.stderr)
+        if stop.result.rank != 0:
+            print(f"rank {stop.result.rank} interrupted: outputs written so far are complete; "
+                  "rank 0 writes the report", file=sys.stderr)
+            return 130
         where = stop.result.report_path or "not written"
         print(f"interrupted: outputs written so far are complete; report: {where}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
         print("interrupted before any image was processed", file=sys.stderr)
         return 130
+    finally:
+        leave(group)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _notes(args: argparse.Namespace, suppressor) -> None:
+    """What the user should know about the model and the options before the run starts."""
+    if args.offset_noise and suppressor.sampler != "ddpm":
+        print(f"WARNING: --offset-noise with the deterministic '{suppressor.sampler}' sampler "
+              "degrades the result badly (benchmarks/results/quality-demo-*); use it with ddpm "
+              "only", file=sys.stderr)
+    if suppressor.is_random:
+        print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model),
+              file=sys.stderr)
+    elif Path(suppressor.source).resolve() == DEMO_DIR:
+        print(DEMO_MODEL_NOTE, file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, group) -> int:
+    from ..distributed import rank_device
     from ..engines.cache import EngineError
     from ..modeldir import ModelDirError
     from ..suppressor import Suppressor
 
     options = BatchOptions(overwrite=args.overwrite, skip_existing=args.skip_existing,
                            bone=args.bone, side_by_side=args.side_by_side, report=args.report)
+    jobs: list = []
+
+    def look() -> list[str]:
+        """On rank 0: the inputs, or the lines saying why there are none."""
+        jobs.extend(find_images(args.inputs, report_all=True))
+        if any(job.problem is None for job in jobs):
+            return []
+        return ([f"{job.source}: {job.problem}" for job in jobs]
+                + ["error: no DICOM, PNG, JPEG or TIFF images found in the inputs"])
+
     try:  # path problems first, before a model is loaded
-        jobs = find_images(args.inputs, report_all=True)
-        if not any(job.problem is None for job in jobs):
-            for job in jobs:
-                print(f"{job.source}: {job.problem}", file=sys.stderr)
-            print("error: no DICOM, PNG, JPEG or TIFF images found in the inputs", file=sys.stderr)
+        problems = broadcast(group, look, (ImageError,))
+        if problems:
+            for line in problems:
+                print(line, file=sys.stderr)
             return 2
-        folder = prepare_output(args.inputs, jobs, Path(args.output), options)
+        folder = prepare_output(args.inputs, jobs, Path(args.output), options, group)
     except ImageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    rank = f"rank {group.rank}: " if group.world > 1 else ""
     with folder:  # locked from here until the run ends
+        suppressor, error = None, None
         try:
             suppressor = Suppressor.from_pretrained(
-                args.model, device=args.device, sampler=args.sampler, steps=args.steps,
-                seed=args.seed, precision=args.precision, offset_noise=args.offset_noise,
-                batch_size=args.batch_size, backend=args.backend,
+                args.model, device=rank_device(args.device), sampler=args.sampler,
+                steps=args.steps, seed=args.seed, precision=args.precision,
+                offset_noise=args.offset_noise, batch_size=args.batch_size, backend=args.backend,
             )
-        except (ModelDirError, EngineError, ValueError) as error:
+        except (ModelDirError, EngineError, ValueError) as e:
+            error = str(e)
+        error = agree(group, error)  # every rank has its model, or every rank stops
+        if error is not None:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        if args.offset_noise and suppressor.sampler != "ddpm":
-            print(f"WARNING: --offset-noise with the deterministic '{suppressor.sampler}' sampler "
-                  "degrades the result badly (benchmarks/results/quality-demo-*); use it with ddpm "
-                  "only", file=sys.stderr)
-        if suppressor.is_random:
-            print(RANDOM_MODEL_WARNING.format(name=suppressor.config.name, spec=args.model),
-                  file=sys.stderr)
-        elif Path(suppressor.source).resolve() == DEMO_DIR:
-            print(DEMO_MODEL_NOTE, file=sys.stderr)
+        if group.rank == 0:  # once per job
+            _notes(args, suppressor)
         print(
-            f"model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} "
+            f"{rank}model {suppressor.source} ({suppressor.config.name}, {suppressor.config.image_size} "
             f"px), {suppressor.sampler} x {suppressor.steps} steps, {suppressor.device}, "
             f"{args.precision}, {suppressor.backend}",
             file=sys.stderr,
@@ -152,7 +189,15 @@ def _run(args: argparse.Namespace) -> int:
         except ImageError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
+    if result.rank != 0:
+        print(f"{rank}{len(result.written)} of its {len(result.outcomes)} images written, "
+              f"{len(result.failed)} failed, {result.images_per_s:.2f} images/s; rank 0 writes "
+              "the report", file=sys.stderr)
+        return 0 if result.job_ok else 1
     print(result.summary(), file=sys.stderr)
+    if result.lost:
+        print(f"rank(s) {', '.join(map(str, result.lost))} stopped before finishing their share; "
+              "run again with --skip-existing to finish the job", file=sys.stderr)
     if result.removed:
         print(f"removed {len(result.removed)} temporary file(s) left by an earlier, interrupted "
               "run", file=sys.stderr)

@@ -17,6 +17,10 @@ Guarantees (tested in tests/io/test_batch.py and tests/io/test_reliability.py):
 - the previous report is replaced by an "in progress" one before anything is written, so a report
   that says complete describes this run; the JSON lists every input with its outcome, every
   failure with its reason and every warning, and gives each path also as hex bytes.
+
+Under torchrun the ranks of one job share a run (`group`, see io/ranks.py): rank 0 lists, plans,
+locks and splits; each rank writes its share with the guarantees above; rank 0 merges the ranks'
+journals into the one report, where an input a lost rank did not finish is "not attempted".
 """
 
 from __future__ import annotations
@@ -27,9 +31,13 @@ import logging
 import os
 import re
 import stat
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +51,8 @@ from tqdm import tqdm
 from .._files import atomic_write
 from .dicom import Provenance
 from .images import SUFFIXES, ImageError, Job, describe_path, find_images
+from .ranks import (MERGE_GRACE_S, SOLO, Group, Journal, agree, broadcast, journal_path,
+                    read_journal, split, stale_journals, wait_for_journals)
 from .radiograph import Radiograph, bone_unit, read_radiograph, write_radiograph, write_review
 
 logger = logging.getLogger(__name__)
@@ -104,6 +114,20 @@ class BatchResult:
     interrupted: bool = False
     removed: list[str] = field(default_factory=list)
     """Temporary files of an earlier, killed run that were removed before this one."""
+    rank: int = 0
+    """This process's rank in a torchrun job (0 in a plain run); only rank 0's result is merged:
+    on the others `outcomes` is the rank's own share."""
+    world: int = 1
+    lost: list[int] = field(default_factory=list)
+    """Ranks of the job that stopped before finishing their share (killed, failed, interrupted)."""
+    job_ok: bool | None = None
+    """On every rank of a job: whether the whole job succeeded, as rank 0 merged it (None when
+    rank 0 could not say)."""
+
+    @property
+    def complete(self) -> bool:
+        """Every rank ran to the end (failures included) and nobody interrupted the run."""
+        return not self.interrupted and not self.lost
 
     def _with(self, status: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.status == status]
@@ -217,8 +241,13 @@ class OutputFolder:
     wait for hours, and two runs interleaved would each report only its own share.
     """
 
-    def __init__(self, path: Path, report: Path, fd: int):
+    def __init__(self, path: Path, report: Path, fd: int | None, group: Group = SOLO,
+                 job: str | None = None):
         self.path, self.report, self._fd = path, report, fd
+        self.group = group
+        """The ranks that share this folder (SOLO for a plain run)."""
+        self.job = job
+        """The job's id, written in the lock by rank 0 (None in a plain run)."""
 
     def release(self) -> None:
         if self._fd is None:
@@ -239,7 +268,7 @@ class OutputFolder:
         self.release()
 
 
-def _lock(folder: Path) -> int:
+def _lock(folder: Path, holder: str | None = None) -> int:
     import fcntl
 
     path = folder / LOCK_NAME
@@ -248,10 +277,10 @@ def _lock(folder: Path) -> int:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            other = os.read(fd, 256).decode("ascii", "replace").strip() or "unknown"
             os.close(fd)
             raise ImageError(f"output folder {folder} is in use by another bsldm_fast run "
-                             f"(process {holder}); wait for it to finish or choose another "
+                             f"(process {other}); wait for it to finish or choose another "
                              "output folder") from None
         except OSError:
             os.close(fd)
@@ -262,16 +291,57 @@ def _lock(folder: Path) -> int:
             same = False
         if same:
             os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            os.write(fd, f"{holder or os.getpid()}\n".encode())
             return fd
         os.close(fd)  # the holder removed this file as we waited for it: lock the new one
 
 
 def prepare_output(inputs: Sequence[str | Path], jobs: Sequence[Job], out_dir: str | Path,
-                   options: BatchOptions = BatchOptions()) -> OutputFolder:
+                   options: BatchOptions = BatchOptions(), group: Group = SOLO) -> OutputFolder:
     """Check, create, probe and lock the output folder and check the report path, before any model
-    is loaded; ImageError says why a run cannot start."""
+    is loaded; ImageError says why a run cannot start.
+
+    In a job (`group.world` > 1) this is collective: rank 0 does all of it (with its `jobs`; the
+    others' are not read) and writes the job's id into the lock; every other rank then probes the
+    folder and checks that it sees that lock, which it would not if the folder were not shared
+    between the machines. An error on any rank is raised on every rank.
+    """
     out_dir = Path(out_dir)
+    if group.world == 1:
+        return _prepare(inputs, jobs, out_dir, options)
+    folder = None
+    job = uuid.uuid4().hex
+
+    def lock() -> str:
+        nonlocal folder
+        holder = (f"{os.getpid()} on {socket.gethostname()}, rank 0 of the {group.world}-rank "
+                  f"job {job}")
+        folder = _prepare(inputs, jobs, out_dir, options, holder)
+        folder.group, folder.job = group, job
+        return job
+
+    job = broadcast(group, lock, (ImageError,))
+    error = None
+    if group.rank != 0:
+        try:
+            _probe(out_dir)
+            seen = (out_dir / LOCK_NAME).read_text(encoding="ascii", errors="replace")
+            if job not in seen:
+                error = (f"the output folder {out_dir} on {socket.gethostname()} is not the one "
+                         "rank 0 locked: every machine of a job must see the same output folder "
+                         "(a shared file system)")
+        except OSError as e:
+            error = f"cannot write to the output folder {out_dir}: {_os_reason(e)}"
+    error = agree(group, error)
+    if error is not None:
+        if folder is not None:
+            folder.release()
+        raise ImageError(error)
+    return folder or OutputFolder(out_dir, report_path(out_dir, options), None, group, job)
+
+
+def _prepare(inputs: Sequence[str | Path], jobs: Sequence[Job], out_dir: Path,
+             options: BatchOptions, holder: str | None = None) -> OutputFolder:
     check_output_folder(inputs, out_dir)
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise ImageError(f"output folder {out_dir} is {describe_path(out_dir)}, not a folder")
@@ -287,7 +357,7 @@ def prepare_output(inputs: Sequence[str | Path], jobs: Sequence[Job], out_dir: s
         except OSError as error:
             raise ImageError(f"cannot write to the {what} {folder}: {_os_reason(error)}") from error
     try:
-        fd = _lock(out_dir)
+        fd = _lock(out_dir, holder)
     except OSError as error:
         raise ImageError(f"cannot lock the output folder {out_dir}: {_os_reason(error)}") from error
     return OutputFolder(out_dir, report, fd)
@@ -378,15 +448,17 @@ class _Task:
     todo: dict[str, Path]
     image: Radiograph | None = None
     paths: dict[str, Path] = field(default_factory=dict)
+    index: int = -1
+    """Its place in the plan: how a rank's journal names it."""
 
 
 def _plan(jobs: list[Job], out_dir: Path, options: BatchOptions) -> list[_Task]:
     sources = {job.source.resolve() for job in jobs if job.problem is None}
     claimed: dict[Path, Path] = {}
     tasks = []
-    for job in jobs:
+    for index, job in enumerate(jobs):
         outcome = Outcome(str(job.source), "failed")
-        task = _Task(job, outcome, {})
+        task = _Task(job, outcome, {}, index=index)
         tasks.append(task)
         if job.problem is not None:
             outcome.status, outcome.reason = ("failed" if job.fatal else "skipped"), job.problem
@@ -488,7 +560,8 @@ def _write_chunk(chunk: list[_Task], softs: list[np.ndarray], provenance: Proven
 
 def run_batch(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence[str | Path],
               out_dir: str | Path, options: BatchOptions = BatchOptions(),
-              batch_size: int = 4, prepared: OutputFolder | None = None) -> BatchResult:
+              batch_size: int = 4, prepared: OutputFolder | None = None,
+              group: Group = SOLO) -> BatchResult:
     """Suppress every image among `inputs` (files or folders) into `out_dir`, batch by batch.
 
     Batches take images in order, whatever their sizes (each is resized to the model's resolution).
@@ -499,36 +572,57 @@ def run_batch(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence[
     `prepared`: the folder `prepare_output` checked and locked (the CLI does so before loading the
     model); it is released when the run ends. Ctrl-C raises `BatchInterrupted` carrying the result,
     after the started writes have finished and the report is written.
+
+    `group`: the ranks of a torchrun job (the prepared folder's, when one is given), which each
+    call this with the same arguments; each rank suppresses its share with its own `suppress`,
+    and rank 0's result (and report) covers the whole job. SIGINT and SIGTERM (what torchrun sends
+    when a rank fails) then stop a rank like Ctrl-C.
     """
     out_dir = Path(out_dir)
     if not inputs:
         raise ImageError("no inputs given")
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
-    jobs = find_images(list(inputs), report_all=True)
-    folder = prepared or prepare_output(inputs, jobs, out_dir, options)
+    group = prepared.group if prepared is not None else group
+    jobs = _on_rank0(group, lambda: find_images(list(inputs), report_all=True))
+    folder = prepared or prepare_output(inputs, jobs, out_dir, options, group)
     try:
-        return _run_locked(suppress, provenance, inputs, jobs, out_dir, options, batch_size,
-                           folder.report)
+        if group.world == 1:
+            return _run_locked(suppress, provenance, inputs, jobs, out_dir, options, batch_size,
+                               folder.report)
+        return _run_ranks(suppress, provenance, inputs, jobs, out_dir, options, batch_size, folder)
     finally:
         folder.release()
 
 
-def _run_locked(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence[str | Path],
-                jobs: list[Job], out_dir: Path, options: BatchOptions, batch_size: int,
-                report: Path) -> BatchResult:
-    started = datetime.now(timezone.utc)
-    _mark_stale(report, started)
-    tasks = _plan(jobs, out_dir, options)
-    result = BatchResult([t.outcome for t in tasks], out_dir)
-    result.removed = _remove_leftovers([p for t in tasks for p in t.paths.values()] + [report])
-    pending = [t for t in tasks if t.outcome.status == "pending"]
-    start = time.perf_counter()
-    bar = tqdm(total=len(pending), unit="img", desc="suppress", file=sys.stderr,
-               disable=not options.progress, dynamic_ncols=True)
+def _on_rank0(group: Group, make: Callable[[], list]) -> list:
+    """`make()` on rank 0 only ([] elsewhere); an ImageError it raises is raised on every rank."""
+    made: list = []
+
+    def run() -> None:
+        made.extend(make())
+
+    broadcast(group, run, (ImageError,))
+    return made
+
+
+@dataclass
+class _Progress:
+    """How far `_process` got."""
+
+    processed: int = 0
+    interrupted: bool = False
+    stopped: str | None = None
+    """Why the output disk cannot take more, when it cannot."""
+
+
+def _process(pending: list[_Task], suppress: SuppressUnits, provenance: Provenance,
+             options: BatchOptions, batch_size: int, bar: tqdm, state: _Progress,
+             finished: Callable[[_Task], None] = lambda task: None) -> None:
+    """Read, suppress and write `pending` batch by batch; every task ends written, failed or not
+    attempted, and `finished` is called once for each, after its outputs are on disk."""
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bsldm-write")
     in_flight: list = []  # at most one (chunk, future): bounds the images held in memory
-    stopped: str | None = None  # why the output disk cannot take more
 
     def say_failed(task: _Task) -> None:
         bar.write(f"failed: {task.outcome.source}: {task.outcome.reason}", file=sys.stderr)
@@ -537,13 +631,13 @@ def _run_locked(suppress: SuppressUnits, provenance: Provenance, inputs: Sequenc
         for done in chunk:
             if done.outcome.status == "failed":
                 say_failed(done)
+            finished(done)
         bar.update(len(chunk))
 
     def finish_writes() -> None:
-        nonlocal stopped
         while in_flight:
             chunk, future = in_flight.pop()
-            stopped = future.result() or stopped
+            state.stopped = future.result() or state.stopped
             report_failures(chunk)
 
     chunk: list[_Task] = []
@@ -554,15 +648,16 @@ def _run_locked(suppress: SuppressUnits, provenance: Provenance, inputs: Sequenc
                 bar.write(f"warning: {task.outcome.source}: {message}", file=sys.stderr)
             if task.outcome.status == "failed":
                 say_failed(task)
+                finished(task)
                 bar.update(1)
             else:
                 chunk.append(task)
             if len(chunk) == batch_size or (index == len(pending) - 1 and chunk):
                 softs = _suppress_chunk(chunk, suppress)  # runs while the last batch is written
                 finish_writes()
-                if stopped:
+                if state.stopped:
                     break
-                result.processed += len(chunk)
+                state.processed += len(chunk)
                 if softs is None:
                     report_failures(chunk)
                 else:
@@ -571,25 +666,203 @@ def _run_locked(suppress: SuppressUnits, provenance: Provenance, inputs: Sequenc
                 chunk = []
         finish_writes()
     except KeyboardInterrupt:
-        result.interrupted = True
+        state.interrupted = True
     finally:
         try:
             finish_writes()  # a started write always completes: outputs are whole or absent
         finally:
             writer.shutdown(wait=True)
-            bar.close()
-            for task in tasks:
+            for task in pending:
                 if task.outcome.status == "pending":
                     task.image = None
                     task.outcome.status = "not attempted"
-                    task.outcome.reason = ("run interrupted" if result.interrupted
-                                           else f"run stopped: {stopped}")
-            result.elapsed_s = time.perf_counter() - start
-            result.report_path = _write_report(result, provenance, inputs, options, started,
-                                               report)
+                    task.outcome.reason = ("run interrupted" if state.interrupted
+                                           else f"run stopped: {state.stopped}")
+                    finished(task)
+
+
+def _begin(jobs: list[Job], out_dir: Path, options: BatchOptions, report: Path
+           ) -> tuple[datetime, list[_Task], list[str]]:
+    """Mark the old report stale, plan every input and remove what a killed run left."""
+    started = datetime.now(timezone.utc)
+    _mark_stale(report, started)
+    tasks = _plan(jobs, out_dir, options)
+    removed = _remove_leftovers([p for t in tasks for p in t.paths.values()] + [report])
+    for journal in stale_journals(out_dir):  # a killed job's: no rank of it is running (locked)
+        try:
+            journal.unlink()
+            removed.append(str(journal))
+        except OSError as error:
+            logger.warning("cannot remove %s: %s", journal, _os_reason(error))
+    return started, tasks, removed
+
+
+def _run_locked(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence[str | Path],
+                jobs: list[Job], out_dir: Path, options: BatchOptions, batch_size: int,
+                report: Path) -> BatchResult:
+    started, tasks, removed = _begin(jobs, out_dir, options, report)
+    result = BatchResult([t.outcome for t in tasks], out_dir, removed=removed)
+    pending = [t for t in tasks if t.outcome.status == "pending"]
+    start = time.perf_counter()
+    bar = tqdm(total=len(pending), unit="img", desc="suppress", file=sys.stderr,
+               disable=not options.progress, dynamic_ncols=True)
+    state = _Progress()
+    try:
+        _process(pending, suppress, provenance, options, batch_size, bar, state)
+    finally:
+        bar.close()
+        result.processed, result.interrupted = state.processed, state.interrupted
+        result.elapsed_s = time.perf_counter() - start
+        result.report_path = _write_report(result, provenance, inputs, options, started, report)
     if result.interrupted:
         raise BatchInterrupted(result)
     return result
+
+
+class _Signals:
+    """SIGINT and SIGTERM in a rank of a job. torchrun stops every rank with SIGTERM when one
+    fails (and SIGKILLs them 30 s later), and a Ctrl-C reaches each rank and then torchrun's
+    SIGTERM too: the first signal raises KeyboardInterrupt while images are processed (`armed`),
+    else it is only recorded; later ones are recorded only, so the merge and the report that
+    follow are never cut short."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.armed = False
+        self._old: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        first = self.received is None
+        self.received = self.received or signum
+        if first and self.armed:
+            raise KeyboardInterrupt
+
+    def __enter__(self) -> "_Signals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def _run_ranks(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence[str | Path],
+               jobs: list[Job], out_dir: Path, options: BatchOptions, batch_size: int,
+               folder: OutputFolder) -> BatchResult:
+    group, job, rank0 = folder.group, folder.job, folder.group.rank == 0
+    with _Signals() as signals:
+        plan: list = []  # on rank 0: (started, tasks, removed, shares)
+
+        def begin() -> list:
+            started, tasks, removed = _begin(jobs, out_dir, options, folder.report)
+            pending = [t for t in tasks if t.outcome.status == "pending"]
+            shares = [pending[r.start:r.stop] for r in split(len(pending), group.world, batch_size)]
+            return [started, tasks, removed, shares]
+
+        plan = _on_rank0(group, begin)
+        mine = group.scatter(plan[3] if rank0 else None)
+        if rank0:
+            mine = plan[3][0]  # the scattered copy would not be the plan's own tasks
+        journal = None if rank0 else Journal(journal_path(out_dir, group.rank), job, group.rank)
+        record = (lambda task: journal.record(task.index, task.outcome)) if journal else (
+            lambda task: None)
+        bar = tqdm(total=len(mine), unit="img", desc=f"suppress (rank 0 of {group.world})",
+                   file=sys.stderr, disable=not (options.progress and rank0), dynamic_ncols=True)
+        state = _Progress()
+        start = time.perf_counter()
+        try:
+            if signals.received is not None:  # stopped while the job was being planned
+                state.interrupted = True
+                for task in mine:
+                    task.outcome.status, task.outcome.reason = "not attempted", "run interrupted"
+                    record(task)
+            else:
+                signals.armed = True
+                try:
+                    _process(mine, suppress, provenance, options, batch_size, bar, state, record)
+                finally:
+                    signals.armed = False
+        finally:
+            bar.close()
+            state.interrupted = state.interrupted or signals.received is not None
+            elapsed = time.perf_counter() - start
+            if journal is not None:
+                journal.end(state.processed, elapsed, state.interrupted, state.stopped)
+        together = not state.interrupted
+        if together:
+            try:
+                group.barrier()  # every rank has ended its journal
+            except Exception as error:  # noqa: BLE001  a rank is gone: merge what it journaled
+                logger.warning("rank %d: a rank of the job is gone (%s)", group.rank, error)
+                together = False
+        result = BatchResult([t.outcome for t in mine], out_dir, processed=state.processed,
+                             elapsed_s=elapsed, interrupted=state.interrupted, rank=group.rank,
+                             world=group.world)
+        if rank0:
+            started, tasks, removed, shares = plan
+            others = range(1, group.world)
+            journals = ({r: read_journal(journal_path(out_dir, r), job) for r in others}
+                        if together else wait_for_journals(out_dir, job, others, MERGE_GRACE_S))
+            ranks = [{"rank": 0, "host": socket.gethostname(), "pid": os.getpid(),
+                      "status": _rank_status(state.interrupted, state.stopped),
+                      "images": len(shares[0]), "processed": state.processed,
+                      "elapsed_s": round(elapsed, 3)}]
+            for r in others:
+                ranks.append(_merge_rank(r, shares[r], journals[r]))
+            result = BatchResult([t.outcome for t in tasks], out_dir, removed=removed,
+                                 interrupted=state.interrupted, world=group.world,
+                                 processed=sum(r["processed"] for r in ranks),
+                                 lost=[r["rank"] for r in ranks if r["status"] != "finished"])
+            result.elapsed_s = time.perf_counter() - start
+            result.report_path = _write_report(result, provenance, inputs, options, started,
+                                               folder.report, ranks)
+            for r in others:
+                try:
+                    journal_path(out_dir, r).unlink()
+                except OSError:
+                    pass
+        if together:
+            try:
+                result.job_ok = broadcast(group, lambda: result.ok)
+            except Exception as error:  # noqa: BLE001
+                logger.warning("rank %d: no word from rank 0 (%s)", group.rank, error)
+    if result.interrupted:
+        raise BatchInterrupted(result)
+    return result
+
+
+def _rank_status(interrupted: bool, stopped: str | None) -> str:
+    return "interrupted" if interrupted else "stopped" if stopped else "finished"
+
+
+def _merge_rank(rank: int, share: list[_Task], journal: tuple) -> dict:
+    """Rank `rank`'s journal into the plan's tasks: an input it did not journal is not attempted,
+    its outputs on disk (whole: outputs are renamed into place) listed. What the report says of it."""
+    head, done, end = journal
+    if end is None:
+        status = "lost"
+        reason = (f"rank {rank} stopped before finishing its share (killed or failed); run again "
+                  "with --skip-existing")
+    else:
+        status = _rank_status(end["interrupted"], end["stopped"])
+        reason = "run interrupted" if end["interrupted"] else f"run stopped: {end['stopped']}"
+    for task in share:
+        entry = done.get(task.index)
+        if entry is not None and entry.get("source") == task.outcome.source:
+            for name, value in entry.items():
+                setattr(task.outcome, name, value)
+        else:
+            task.outcome.status, task.outcome.reason = "not attempted", reason
+            task.outcome.outputs = [str(p) for p in task.paths.values() if os.path.lexists(p)]
+    written = sum(1 for e in done.values() if e.get("status") == "written")
+    info = {"rank": rank, "host": head.get("host") if head else None,
+            "pid": head.get("pid") if head else None, "status": status, "images": len(share),
+            "processed": end["processed"] if end else written}
+    if end is not None:
+        info["elapsed_s"] = end["elapsed_s"]
+    return info
 
 
 def _mark_stale(report: Path, started: datetime) -> None:
@@ -628,10 +901,11 @@ def _outcome_json(o: Outcome) -> dict:
 
 
 def _write_report(result: BatchResult, provenance: Provenance, inputs: Sequence[str | Path],
-                  options: BatchOptions, started: datetime, path: Path) -> Path | None:
+                  options: BatchOptions, started: datetime, path: Path,
+                  ranks: list[dict] | None = None) -> Path | None:
     report = {
         "tool": "bsldm_fast",
-        "complete": not result.interrupted,
+        "complete": result.complete,
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "elapsed_s": round(result.elapsed_s, 3),
@@ -652,6 +926,9 @@ def _write_report(result: BatchResult, provenance: Provenance, inputs: Sequence[
                      for o in result.outcomes for w in o.warnings],
         "results": [_outcome_json(o) for o in result.outcomes],
     }
+    if ranks is not None:  # a torchrun job: what each rank did (a plain run's report is as it was)
+        report["world_size"] = result.world
+        report["ranks"] = ranks
     text = json.dumps(report, indent=2)
     try:
         atomic_write(path, lambda tmp: Path(tmp).write_text(text))
