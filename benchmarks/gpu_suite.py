@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -194,6 +195,8 @@ class Context:
         self.failed: list[dict] = []
         """Rows that failed their correctness check: recorded with the error, never timed."""
         self.psnr_demo: dict = {}
+        self.ranks: list[dict] | None = None
+        """`bsldm-fast suppress` on one GPU and under torchrun on all of them (benchmarks/ranks.py)."""
         self.results_path: Path | None = None
         self.left: Callable[[], float] = lambda: math.inf
         """Seconds left in the suite's budget (the suite's clock, set by main)."""
@@ -285,6 +288,31 @@ def part_psnr_demo(ctx: Context) -> dict:
     print(f"demo model PSNR vs fp32 (dB): {json.dumps(out)}", flush=True)
     ctx.psnr_demo = out
     return out
+
+
+def part_ranks(ctx: Context) -> list[dict]:
+    """`bsldm-fast suppress` on one GPU and under torchrun on every GPU of the machine (issue 18):
+    images/s of each, after checking that they write the same images (benchmarks/ranks.py)."""
+    gpus = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    if gpus < 2:
+        raise Skip(f"{gpus} GPU(s): the multi-GPU path needs more than one (2 CPU ranks over gloo "
+                   "are tested in tests/distributed)")
+    out_dir = Path(tempfile.mkdtemp(prefix="bsldm-ranks-"))
+    command = [sys.executable, str(ROOT / "benchmarks" / "ranks.py"), "--device", "cuda",
+               "--procs", f"1,{gpus}", "--images", str(32 * gpus), "--repeats", "1",
+               "--out-dir", str(out_dir)]
+    done = subprocess.run(command, capture_output=True, text=True,
+                          timeout=max(30.0, ctx.left() - 10))
+    print(done.stdout[-3000:], flush=True)
+    results = sorted(out_dir.glob("ranks-*.json"))
+    if not results:
+        raise RuntimeError(f"ranks.py wrote no result (exit {done.returncode}): {done.stderr[-1500:]}")
+    if os.environ.get("OUT"):
+        shutil.copy(results[0], Path(os.environ["OUT"]) / results[0].name)
+    ctx.ranks = json.loads(results[0].read_text())["rows"]
+    if done.returncode != 0:
+        raise RuntimeError(f"a GPU count failed its run or its check: {json.dumps(ctx.ranks)[:1500]}")
+    return ctx.ranks
 
 
 @contextlib.contextmanager
@@ -620,6 +648,7 @@ def save(ctx: Context, suite: Suite, env: dict, finished: bool) -> tuple[Path, d
         "build": {"status": args.build_status, **(read_log(args.build_log) or {})},
         "tests": read_tests(args.tests_xml, args.tests_log),
         "end_to_end": ctx.e2e,
+        "ranks": ctx.ranks,
         "baseline": {k: v for k, v in ctx.baseline.items() if not k.startswith("_")},
         "targets": tgt,
         "copy_bandwidth_bytes_per_s": ctx.bandwidth,
@@ -691,6 +720,7 @@ def main(argv: list[str] | None = None) -> int:
             return _e2e(ctx, "torch-fp16-b1", _torch_runner(ctx, "fp16"), "fp16", 1)
         suite.part("torch-fp16-b1", fp16_b1, need_s=30)
         suite.part("psnr-demo-model", lambda: part_psnr_demo(ctx), need_s=30)
+        suite.part("multi-gpu-ranks", lambda: part_ranks(ctx), need_s=90)
         suite.part("torch-bf16-b16", lambda: _e2e(ctx, "torch-bf16-b16", _torch_runner(ctx, "bf16"), "bf16", 16),
                    need_s=40)
         suite.part("baseline-whole", lambda: part_baseline_whole(ctx), need_s=10)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The GPU suite, one command for an H100/H200 machine with CUDA, PyTorch and Triton preinstalled
 # (no TensorRT, no network): builds the CUDA extension against that machine's torch, runs the GPU
-# tests, then the end-to-end timings (benchmarks/gpu_suite.py), within 10 minutes in all.
+# tests, then the end-to-end timings (benchmarks/gpu_suite.py), within 10 minutes in all. On a machine
+# with more than one GPU the timings include `bsldm-fast suppress` under torchrun on every GPU
+# against one GPU (benchmarks/ranks.py: same images checked, then images/s).
 #
 #   bash benchmarks/gpu_suite.sh            # writes benchmarks/results/gpu-<device>-<date>.json
 #   bash benchmarks/gpu_suite.sh --quick    # dry run of the plumbing (tiny model; also on the CPU)

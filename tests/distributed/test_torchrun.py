@@ -39,13 +39,13 @@ def _command(inputs, out, *extra, ranks=1):
     return launch + ["suppress", str(inputs), "-o", str(out), *MODEL, *extra]
 
 
-def _env():
+def _env():  # and cwd=ROOT: `python -m` puts the working folder first on sys.path
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def _run(inputs, out, *extra, ranks=1):
     done = subprocess.run(_command(inputs, out, *extra, ranks=ranks), capture_output=True, text=True,
-                          timeout=300, env=_env())
+                          timeout=300, env=_env(), cwd=ROOT)
     return done.returncode, done.stderr
 
 
@@ -97,7 +97,7 @@ def test_a_rank_killed_mid_run_then_skip_existing_finishes_the_job(inputs, tmp_p
     single = _single(inputs, tmp_path_factory, 1)
     out = tmp_path / "out"
     job = subprocess.Popen(_command(inputs, out, "--batch-size", "1", ranks=2), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, env=_env())
+                           stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
     try:
         journal, deadline = journal_path(out, 1), time.monotonic() + 240
         while True:  # rank 1 has finished one image (its journal: a header and one line)
