@@ -146,7 +146,7 @@ class BatchResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.interrupted
+        return not self.failed and self.complete
 
     @property
     def images_per_s(self) -> float:
@@ -324,14 +324,18 @@ def prepare_output(inputs: Sequence[str | Path], jobs: Sequence[Job], out_dir: s
     error = None
     if group.rank != 0:
         try:
-            _probe(out_dir)
             seen = (out_dir / LOCK_NAME).read_text(encoding="ascii", errors="replace")
-            if job not in seen:
-                error = (f"the output folder {out_dir} on {socket.gethostname()} is not the one "
-                         "rank 0 locked: every machine of a job must see the same output folder "
-                         "(a shared file system)")
-        except OSError as e:
-            error = f"cannot write to the output folder {out_dir}: {_os_reason(e)}"
+        except OSError:
+            seen = ""
+        if job not in seen:
+            error = (f"the output folder {out_dir} on {socket.gethostname()} is not the one rank 0 "
+                     "locked: every machine of a job must see the same output folder (a shared "
+                     "file system)")
+        else:
+            try:
+                _probe(out_dir)
+            except OSError as e:
+                error = f"cannot write to the output folder {out_dir}: {_os_reason(e)}"
     error = agree(group, error)
     if error is not None:
         if folder is not None:
@@ -677,7 +681,8 @@ def _process(pending: list[_Task], suppress: SuppressUnits, provenance: Provenan
                     task.image = None
                     task.outcome.status = "not attempted"
                     task.outcome.reason = ("run interrupted" if state.interrupted
-                                           else f"run stopped: {state.stopped}")
+                                           else f"run stopped: {state.stopped}" if state.stopped
+                                           else "run stopped by an unexpected error")
                     finished(task)
 
 
@@ -782,6 +787,8 @@ def _run_ranks(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence
                 signals.armed = True
                 try:
                     _process(mine, suppress, provenance, options, batch_size, bar, state, record)
+                except KeyboardInterrupt:  # while the last writes were being finished
+                    state.interrupted = True
                 finally:
                     signals.armed = False
         finally:

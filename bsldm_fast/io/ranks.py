@@ -153,7 +153,7 @@ class Journal:
 
 def read_journal(path: Path, job: str) -> tuple[dict | None, dict[int, dict], dict | None]:
     """(header, {plan index: outcome fields}, end) of one rank's journal for `job`; a journal of
-    another job, or none, reads as (None, {}, None). A torn last line (the rank was killed while
+    another job, or none, reads as (None, {}, None). A torn line (the rank was killed while
     writing it) is ignored."""
     try:
         lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
@@ -164,7 +164,7 @@ def read_journal(path: Path, job: str) -> tuple[dict | None, dict[int, dict], di
         try:
             entries.append(json.loads(line))
         except ValueError:
-            break
+            continue
     if not entries or entries[0].get("job") != job:
         return None, {}, None
     done = {e["index"]: e["outcome"] for e in entries[1:] if "index" in e}
