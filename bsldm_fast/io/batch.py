@@ -119,7 +119,8 @@ class BatchResult:
     on the others `outcomes` is the rank's own share."""
     world: int = 1
     lost: list[int] = field(default_factory=list)
-    """Ranks of the job that stopped before finishing their share (killed, failed, interrupted)."""
+    """Ranks of the job that did not go through their share: killed, failed or interrupted (a rank
+    stopped by a full disk went through it, reporting the rest as not attempted)."""
     job_ok: bool | None = None
     """On every rank of a job: whether the whole job succeeded, as rank 0 merged it (None when
     rank 0 could not say)."""
@@ -758,15 +759,13 @@ def _run_ranks(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence
                folder: OutputFolder) -> BatchResult:
     group, job, rank0 = folder.group, folder.job, folder.group.rank == 0
     with _Signals() as signals:
-        plan: list = []  # on rank 0: (started, tasks, removed, shares)
-
         def begin() -> list:
             started, tasks, removed = _begin(jobs, out_dir, options, folder.report)
             pending = [t for t in tasks if t.outcome.status == "pending"]
             shares = [pending[r.start:r.stop] for r in split(len(pending), group.world, batch_size)]
             return [started, tasks, removed, shares]
 
-        plan = _on_rank0(group, begin)
+        plan = _on_rank0(group, begin)  # on rank 0: started, tasks, removed, shares
         mine = group.scatter(plan[3] if rank0 else None)
         if rank0:
             mine = plan[3][0]  # the scattered copy would not be the plan's own tasks
@@ -821,7 +820,8 @@ def _run_ranks(suppress: SuppressUnits, provenance: Provenance, inputs: Sequence
             result = BatchResult([t.outcome for t in tasks], out_dir, removed=removed,
                                  interrupted=state.interrupted, world=group.world,
                                  processed=sum(r["processed"] for r in ranks),
-                                 lost=[r["rank"] for r in ranks if r["status"] != "finished"])
+                                 lost=[r["rank"] for r in ranks
+                                       if r["status"] in ("lost", "interrupted")])
             result.elapsed_s = time.perf_counter() - start
             result.report_path = _write_report(result, provenance, inputs, options, started,
                                                folder.report, ranks)

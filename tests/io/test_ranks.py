@@ -265,3 +265,27 @@ def test_an_input_problem_on_rank_0_stops_every_rank(tmp_path):
     errors = _job(2, lambda g: run_batch(darker, PROV, [tmp_path / "missing"], tmp_path / "out",
                                          OPTS, group=g))
     assert all(isinstance(e, ImageError) and "missing" in str(e) for e in errors)
+
+
+def test_a_full_disk_stops_one_rank_and_the_report_says_so(tmp_path, monkeypatch):
+    import errno
+
+    from bsldm_fast.io import images as images_module
+
+    inputs, out = _images(tmp_path / "in", 10), tmp_path / "out"
+    real = images_module._save_pil
+
+    def full_at_07(tmp, *args, **kwargs):
+        if ".07.png." in Path(tmp).name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(tmp, *args, **kwargs)
+
+    monkeypatch.setattr(images_module, "_save_pil", full_at_07)
+    first, second = _job(2, lambda g: run_batch(darker, PROV, [inputs], out, OPTS, 1, group=g))
+    assert not first.ok and first.lost == [] and not second.job_ok
+    report = json.loads((out / REPORT_NAME).read_text())
+    assert report["complete"]  # every rank went through its share: this report is the whole job
+    assert [r["status"] for r in report["ranks"]] == ["finished", "stopped"]
+    status = [r["status"] for r in report["results"]]
+    assert status == ["written"] * 7 + ["failed"] + ["not attempted"] * 2
+    assert report["results"][9]["reason"] == "run stopped: the output disk is full"
