@@ -112,6 +112,7 @@ class DiffusionConfig:
 
 
 NORMALIZATIONS = ("none", "percentile")
+ANCHORS = ("none", "input")
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,31 @@ class InputNormalization:
 
 
 @dataclass(frozen=True)
+class OutputAnchor:
+    """Where the output's low spatial frequencies come from.
+
+    Bones are edges and bands a few to a few tens of pixels wide; the grey level of whole regions
+    is display convention, which the soft-tissue images of a handful of training pairs cannot pin
+    down: a model trained on them samples it anew with every seed (the bundled model's global
+    level varies by about +-0.1 between seeds). 'input' keeps the model's output above the scale
+    `sigma` and takes the scale below it from the input, shifted by `offset`:
+
+        output = soft + blur_sigma(input + offset - soft)
+
+    with `offset` the mean soft-tissue minus CXR grey level of the training pairs. 'none' (the
+    default) returns the model's output as it is, which the official weights expect.
+    """
+
+    mode: str = "none"
+    """'none' or 'input'."""
+    sigma: float = 1.0 / 32.0
+    """Standard deviation of the Gaussian low-pass, as a fraction of the image width (1/32: 32 px
+    at 1024 px)."""
+    offset: float = 0.0
+    """Added to the input's low frequencies, on the [0, 1] display scale."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything needed to rebuild a BS-LDM model; serialised as `config.json` beside the weights."""
 
@@ -147,6 +173,7 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     input_normalization: InputNormalization = field(default_factory=InputNormalization)
+    output_anchor: OutputAnchor = field(default_factory=OutputAnchor)
     version: int = CONFIG_VERSION
     """Format version of this file."""
 
@@ -202,7 +229,7 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
         nested = {"vqgan": VQGANConfig, "unet": UNetConfig, "diffusion": DiffusionConfig,
-                  "input_normalization": InputNormalization}
+                  "input_normalization": InputNormalization, "output_anchor": OutputAnchor}
         if cls is ModelConfig and name in nested:
             kwargs[name] = _from_dict(nested[name], value, f"{where}.{name}")
         elif isinstance(value, list):
@@ -254,6 +281,8 @@ def validate(config: ModelConfig) -> None:
     if not (n.low_percentile < n.high_percentile and n.low_value < n.high_value):
         raise ValueError("input_normalization: low_percentile < high_percentile and "
                          "low_value < high_value are required")
+    if config.output_anchor.mode not in ANCHORS:
+        raise ValueError(f"output_anchor.mode: {config.output_anchor.mode!r} is not one of {ANCHORS}")
     _check_heads(config)
     _check_size(config)
 
@@ -309,6 +338,8 @@ LIMITS: dict[str, tuple[float, float]] = {
     "input_normalization.high_percentile": (0.0, 100.0),
     "input_normalization.low_value": (-1.0, 2.0),
     "input_normalization.high_value": (-1.0, 2.0),
+    "output_anchor.sigma": (1e-3, 1.0),
+    "output_anchor.offset": (-1.0, 1.0),
 }
 """Inclusive bounds of every numeric field (and of the length of each list, `FIELD#`)."""
 

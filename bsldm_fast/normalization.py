@@ -1,12 +1,17 @@
-"""Input intensity normalisation (`config.input_normalization`): an affine map of the display
-values into the range the model was trained on, and its inverse for the model's output."""
+"""Intensity handling around the model, on the [0, 1] display scale:
+- input normalisation (`config.input_normalization`): an affine map of the display values into the
+  range the model was trained on, and its inverse for the model's output;
+- the output anchor (`config.output_anchor`): the output's low spatial frequencies taken from the
+  input."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .config import InputNormalization
+import math
+
+from .config import InputNormalization, OutputAnchor
 
 
 def affine(image: torch.Tensor | np.ndarray, norm: InputNormalization) -> tuple[float, float]:
@@ -31,3 +36,28 @@ def affine(image: torch.Tensor | np.ndarray, norm: InputNormalization) -> tuple[
 def invert(image: torch.Tensor, scale: float, offset: float) -> torch.Tensor:
     """The model's output back on the input's own display scale."""
     return (image - offset) / scale
+
+
+def low_pass(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of [B, 1, H, W] images with standard deviation `sigma` pixels, edges mirrored
+    (a radiograph's border is not darker than its inside, as zero padding would make it)."""
+    radius = min(math.ceil(3.0 * sigma), images.shape[-2] - 1, images.shape[-1] - 1)
+    if radius < 1:
+        return images
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = (kernel / kernel.sum()).to(images.dtype)
+    out = torch.nn.functional.pad(images, (radius, radius, radius, radius), mode="reflect")
+    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1))
+    return torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1))
+
+
+def anchor(soft: torch.Tensor, image: torch.Tensor, spec: OutputAnchor) -> torch.Tensor:
+    """The model's soft-tissue images [B, 1, H, W] with their low frequencies (below
+    `spec.sigma` x width) replaced by those of the input images (same shape) plus `spec.offset`.
+    'none' returns `soft` itself."""
+    if spec.mode == "none":
+        return soft
+    if soft.shape != image.shape:
+        raise ValueError(f"output {tuple(soft.shape)} and input {tuple(image.shape)} differ in shape")
+    return soft + low_pass(image + spec.offset - soft, spec.sigma * soft.shape[-1])

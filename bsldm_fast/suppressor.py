@@ -142,20 +142,25 @@ class Suppressor:
 
     def _unit_batch(self, units: list[np.ndarray]) -> list[np.ndarray]:
         size = (self.config.image_size, self.config.image_size)
-        inputs, maps = [], []
+        images, inputs, maps = [], [], []
         for unit in units:
             if unit.ndim != 2 or min(unit.shape) < 2:
                 raise ValueError(f"image of shape {unit.shape} is too small")
             image = _resize(torch.from_numpy(np.asarray(unit, np.float32))[None, None], size)
             scale, offset = normalization.affine(image, self.config.input_normalization)
+            images.append(image)
             inputs.append(image * scale + offset)
             maps.append((scale, offset))
         batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
         soft = self.pipeline.run(batch, [self.seed] * len(units), self.sampler, self.steps,
                                  self.offset_noise)
         soft = ((soft.float() + 1.0) / 2.0).cpu()
-        return [np.clip(_resize(normalization.invert(s[None], *m), unit.shape)[0, 0].numpy(), 0.0, 1.0)
-                for s, m, unit in zip(soft, maps, units)]
+        out = []
+        for s, image, m, unit in zip(soft, images, maps, units):
+            s = normalization.anchor(normalization.invert(s[None], *m), image,
+                                     self.config.output_anchor)
+            out.append(np.clip(_resize(s, unit.shape)[0, 0].numpy(), 0.0, 1.0))
+        return out
 
     def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         for image in images:
