@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         cxr = curve(_unit(pairs / "cxr" / f"{pair}.png"))
         soft = curve(_unit(pairs / "soft" / f"{pair}.png"))
         identity = metrics.evaluate(cxr, soft, cxr).as_dict()
+        first_row = len(rows)
         rows.append({"pair": pair, "curve": curve_name, "method": "identity", "trained_on": "",
                      **identity})
         panels = [cxr]
@@ -143,10 +144,19 @@ def main(argv: list[str] | None = None) -> int:
                          "vq_psnr_cxr": metrics.psnr(cxr, round_trip(model, cxr)),
                          "vq_psnr_soft": metrics.psnr(soft, round_trip(model, soft))})
             panels.append(pred)
+            anchor = model.config.output_anchor
+            if anchor.mode == "input":
+                # What the anchor alone gives (as if the networks returned the CXR unchanged): the
+                # part of a score the networks did not earn.
+                shifted = np.clip(cxr + anchor.offset, 0.0, 1.0)
+                rows.append({"pair": pair, "curve": curve_name,
+                             "method": f"{name}: its anchor alone (CXR {anchor.offset:+g})",
+                             "trained_on": rows[-1]["trained_on"],
+                             **metrics.evaluate(shifted, soft, cxr).as_dict()})
         panels.append(soft)
         if curve_name == "as stored":
             figure_rows.append(np.concatenate([_resize(p, 512) for p in panels], axis=1))
-        for row in rows[-len(models) - 1:]:
+        for row in rows[first_row:]:
             print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
                            for k, v in row.items() if v is not None), flush=True)
 
