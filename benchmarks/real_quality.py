@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", required=True, help="comma-separated pair names to score")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="a model directory to score (repeatable); DIR may be 'demo'; "
-                             "DIR?normalization=MODE overrides its input normalisation")
+                             "DIR?normalization=MODE&anchor=MODE overrides its input normalisation "
+                             "and output anchor")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the library's)")
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,12 +113,16 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--model takes NAME=DIR, got {spec!r}")
         where, _, option = where.partition("?")
         model = modeldir.resolve(where)
-        if option:  # 'normalization=MODE': the same weights with another input normalisation
-            key, _, mode = option.partition("=")
-            if key != "normalization":
-                parser.error(f"--model {spec!r}: the only option is '?normalization=MODE'")
-            norm = dataclasses.replace(model.config.input_normalization, mode=mode)
-            model = dataclasses.replace(model, config=model.config.replace(input_normalization=norm))
+        for item in filter(None, option.split("&")):  # the same weights, other settings
+            key, _, mode = item.partition("=")
+            if key == "normalization":
+                norm = dataclasses.replace(model.config.input_normalization, mode=mode)
+                model = dataclasses.replace(model, config=model.config.replace(input_normalization=norm))
+            elif key == "anchor":
+                anchor = dataclasses.replace(model.config.output_anchor, mode=mode)
+                model = dataclasses.replace(model, config=model.config.replace(output_anchor=anchor))
+            else:
+                parser.error(f"--model {spec!r}: options are 'normalization=MODE' and 'anchor=MODE'")
         seen = trained_on(Path(model.source)) if model.source and Path(model.source).is_dir() else None
         models.append((name, where, model, seen))
 
