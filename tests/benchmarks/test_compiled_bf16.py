@@ -117,3 +117,39 @@ def test_each_suspected_op_compiled_in_bf16_matches_eager_fp32(op, freezing, gen
         eager = low(x)
     _check(eager, ref, "bf16")  # the bound holds for eager bf16: a fair bound for the compiled op
     _check(out, ref, "bf16")
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def _onednn_version() -> tuple[int, ...] | None:
+    import re
+
+    found = re.search(r"MKL-DNN v(\d+)\.(\d+)\.(\d+)", torch.__config__.show())
+    return tuple(int(x) for x in found.groups()) if found else None
+
+
+@pytest.mark.xfail(_cpu_has_amx() and (_onednn_version() or (0,)) < (3, 15),
+                   reason="oneDNN issue 5717 (fixed by oneDNN PR 5723, after v3.14): on AMX, the bf16 "
+                          "brgemm reads past K when K > 32 and K % 32 != 0 and leaks other rows' "
+                          "NaN into clean ones; the prime suspect for issue 20's compiled NaN",
+                   strict=False)
+def test_bf16_matmul_rows_do_not_leak_into_each_other():
+    """A matmul's output row depends on its own input row only. oneDNN's AMX bf16 kernel broke that
+    (K-tail overread, oneDNN issue 5717): NaN in other rows, or in uninitialised bytes beside a
+    buffer, reached clean rows. Compiled graphs allocate and reuse buffers unlike eager code, which
+    would explain a compiled-only NaN on AMX machines only; this machine class never showed it."""
+    rng = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ())))
+    for k in (33, 40, 72, 100):
+        a = torch.full((16, 32, k), float("nan"), dtype=torch.bfloat16)
+        a[:, 0] = torch.randn(16, k, generator=rng).to(torch.bfloat16)
+        b = torch.randn(16, k, 64, generator=rng).to(torch.bfloat16)
+        out = torch.bmm(a, b)[:, 0].float()
+        ref = torch.bmm(a[:, :1].float(), b.float())[:, 0]
+        assert torch.isfinite(out).all(), f"K={k}: NaN leaked into a clean row"
+        torch.testing.assert_close(out, ref, atol=0.05 * ref.abs().max().item(), rtol=0.02)
