@@ -10,7 +10,7 @@ How a job runs (tested in tests/io/test_ranks.py and tests/distributed/):
 - the split is contiguous and on batch boundaries (`split`), balanced by count to within one batch:
   every image is resized to the model's resolution, so an image costs the same whatever its file
   size. With the same batch size each image is in the same batch as in a one-process run, so the
-  outputs are bit-identical (and within the batch-composition bound of 1e-5 otherwise);
+  outputs are bit-identical (and within the batch-composition bound otherwise: README, Python);
 - each rank appends one line to its journal (`OUTDIR/.bsldm_fast.rankN.jsonl`) for every input it
   finishes, after the output was renamed into place, and a last line when it stops. Rank 0 merges
   the journals into the one report: an input a rank did not journal is "not attempted", never
