@@ -18,7 +18,6 @@ Writes benchmarks/results/bundled-model-<machine>-<date>.json with `lscpu`'s mod
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from bsldm_fast.pipeline import Pipeline  # noqa: E402
 from bsldm_fast.training.data import resize  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
 from checks import check_output, tolerances  # noqa: E402
-from timing import machine, machine_slug, measure  # noqa: E402
+from timing import machine, machine_slug, measure, write_new  # noqa: E402
 
 
 def lscpu() -> dict[str, str]:
@@ -112,14 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     record = {"machine": info, "lscpu": cpu, "tolerances": tolerances(), "model": str(model.source), "config": model.config.to_dict(),
               "images": [p.name for p in samples], "rows": rows}
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"bundled-model-{machine_slug(info)}-{time.strftime('%Y-%m-%d')}.json"
-    n = 2
-    while path.exists():  # never overwrite an earlier result
-        path = path.with_name(f"{path.stem.rsplit('-run', 1)[0]}-run{n}.json")
-        n += 1
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_new(Path(args.out_dir), f"bundled-model-{machine_slug(info)}-{time.strftime('%Y-%m-%d')}",
+                     record)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import numpy as np  # noqa: E402
 
 from bundled_model import lscpu  # noqa: E402
-from timing import machine, machine_slug  # noqa: E402
+from timing import machine, machine_slug, write_new  # noqa: E402
 
 from bsldm_fast.io import read_image  # noqa: E402
 
@@ -160,15 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     record = {"machine": info, "lscpu": cpu, "load_average_end": os.getloadavg(),
               "gpus": _gpus() if args.device.startswith("cuda") else None,
               "model": "demo", "sampler": "ddpm", "steps": 10, "rows": rows}
-    out_dir = Path(args.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     tag = "" if args.device == "cpu" else f"-{args.device}"
-    path = out_dir / f"ranks-{machine_slug(info)}{tag}-{time.strftime('%Y-%m-%d')}.json"
-    n = 2
-    while path.exists():  # never overwrite an earlier result
-        path = path.with_name(f"{path.stem.rsplit('-run', 1)[0]}-run{n}.json")
-        n += 1
-    path.write_text(json.dumps(record, indent=2) + "\n")
+    path = write_new(Path(args.out_dir), f"ranks-{machine_slug(info)}{tag}-{time.strftime('%Y-%m-%d')}",
+                     record)
     print(f"wrote {path}", file=sys.stderr)
     return 0 if all("images_per_s" in row for row in rows) else 1
 

@@ -246,11 +246,20 @@ def write_results(rows: list[Row], peaks: dict[str, float], name: str, out_dir: 
         **(extra or {}),
     }
     stem = f"{name}-{info['date']}{suffix}"
-    tmp = out_dir / f".{stem}.json.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
     if path is not None:
+        tmp = out_dir / f".{stem}.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
         tmp.replace(path)
         return path
+    return write_new(out_dir, stem, payload)
+
+
+def write_new(out_dir: Path, stem: str, payload: dict) -> Path:
+    """Write `payload` as JSON to `<stem>.json` in `out_dir`, or `<stem>-2.json`, `-3`, ... when
+    that name is taken: an earlier result is never replaced. Returns the path written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{stem}.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
     for n in range(1, 1000):
         candidate = out_dir / (f"{stem}.json" if n == 1 else f"{stem}-{n}.json")
         try:
