@@ -6,6 +6,7 @@
 For every held-out pair (pairs/cxr/NAME.png, pairs/soft/NAME.png): BSR, MSE, PSNR and SSIM of
 - the identity (the CXR itself as the soft-tissue prediction),
 - each model's soft-tissue image (`Suppressor`, the product's path, fp32 unless --precision),
+  with the MSE split into the bone region and the rest (`regional_mse`),
 - each model's VQGAN round trip of the real CXR and the real soft tissue (PSNR at 1024 px), which
   bounds what its LDM can reach.
 A model directory that lists the pair among its training data (`training_data.json`, written by the
@@ -74,6 +75,22 @@ def parse_curve(spec: str):
     raise SystemExit(f"--curve {spec!r}: expected 'gamma:G' or 'linear:A:B'")
 
 
+BONE_MARGIN = 0.05
+"""A pixel is bone when its CXR is this much brighter than its soft tissue, beyond the median
+difference of the image (the global display offset between the two): ribs, clavicles, spine."""
+
+
+def regional_mse(pred: np.ndarray, soft: np.ndarray, cxr: np.ndarray) -> dict[str, float]:
+    """MSE where the bones are and everywhere else, at 1024 px, the regions from the real pair: a
+    bone suppressor should gain in the first and lose nothing in the second."""
+    p, t, c = (metrics.resize(x) for x in (pred, soft, cxr))
+    bone_layer = c - t
+    bone = bone_layer - np.median(bone_layer) > BONE_MARGIN
+    err = (p - t) ** 2
+    return {"mse_bone": float(err[bone].mean()), "mse_rest": float(err[~bone].mean()),
+            "bone_share": float(bone.mean())}
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     for pair, (curve_name, curve) in ((p, c) for c in curves for p in names):
         cxr = curve(_unit(pairs / "cxr" / f"{pair}.png"))
         soft = curve(_unit(pairs / "soft" / f"{pair}.png"))
-        identity = metrics.evaluate(cxr, soft, cxr).as_dict()
+        identity = {**metrics.evaluate(cxr, soft, cxr).as_dict(), **regional_mse(cxr, soft, cxr)}
         first_row = len(rows)
         rows.append({"pair": pair, "curve": curve_name, "method": "identity", "trained_on": "",
                      **identity})
@@ -142,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             s = Suppressor(model, device="cpu", sampler=args.sampler, steps=args.steps,
                            seed=args.seed, precision=args.precision, batch_size=1)
             pred = s.suppress_unit([cxr])[0].astype(np.float64)
-            scores = metrics.evaluate(pred, soft, cxr).as_dict()
+            scores = {**metrics.evaluate(pred, soft, cxr).as_dict(), **regional_mse(pred, soft, cxr)}
             rows.append({"pair": pair, "curve": curve_name, "method": name,
                          "trained_on": "unknown" if seen is None else ",".join(seen) or "none",
                          **scores,
@@ -157,7 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"pair": pair, "curve": curve_name,
                              "method": f"{name}: its anchor alone (CXR {anchor.offset:+g})",
                              "trained_on": rows[-1]["trained_on"],
-                             **metrics.evaluate(shifted, soft, cxr).as_dict()})
+                             **metrics.evaluate(shifted, soft, cxr).as_dict(),
+                             **regional_mse(shifted, soft, cxr)})
         panels.append(soft)
         if curve_name == "as stored":
             figure_rows.append(np.concatenate([_resize(p, 512) for p in panels], axis=1))
