@@ -11,9 +11,9 @@ import logging
 import sys
 
 from .. import __version__
-from . import build_engine, convert, eval, export, formats, suppress
+from . import build_engine, convert, eval, export, formats, serve, suppress
 
-COMMANDS = (suppress, convert, eval, export, build_engine, formats)
+COMMANDS = (suppress, convert, eval, export, build_engine, formats, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
