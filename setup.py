@@ -98,12 +98,15 @@ setup(
         "train": ["pyyaml"],
         "onnx": ["onnx", "onnxruntime"],
         "bench": ["matplotlib", "pytest-benchmark"],
+        # `bsldm-fast serve`, the DICOM node (bsldm_fast/node).
+        "node": ["pynetdicom>=2.1"],
         # The reference implementations the equivalence tests compare against, and the Triton
         # interpreter that runs the GPU kernels on the CPU. monai-generative pins an old monai, so
         # scripts/test.sh installs monai + monai-generative separately with --no-deps.
         "test": [
             "pytest", "pytest-benchmark", "hypothesis", "pyyaml", "tifffile", "scikit-image",
             "onnx", "onnxruntime", "diffusers", "guided-diffusion-sdk", "matplotlib",
+            "pynetdicom>=2.1",
             "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },

@@ -120,6 +120,12 @@ def run(args: argparse.Namespace) -> int:
     if args.status:
         _print_status(status(config), args.json)
         return 0
+    try:
+        import pynetdicom  # noqa: F401
+    except ImportError:
+        print("error: the DICOM node needs pynetdicom: pip install 'bsldm-fast[node]' (or "
+              "pip install pynetdicom)", file=sys.stderr)
+        return 2
     if not config.destinations:
         print("error: no destinations: give --dest AE@HOST:PORT or [[destinations]] in the config",
               file=sys.stderr)
