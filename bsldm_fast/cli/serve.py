@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="run as a DICOM node: receive radiographs (C-STORE), send back a bone-suppressed series",
+        help="run as a DICOM node: receive radiographs (C-STORE), send back bone-suppressed ones",
         description="A DICOM Storage SCP (C-ECHO, C-STORE of CR, DX and Secondary Capture images). "
         "Each received chest radiograph that passes the filter is written to the spool before the "
         "C-STORE is acknowledged, run through the model in batches, and its derived soft-tissue "
@@ -58,7 +58,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--log-phi", action="store_true", default=None,
                    help="log patient names and IDs too (default: SOP Instance UIDs only)")
     p.add_argument("--max-disk-percent", type=float,
-                   help="refuse C-STOREs with 0xA700 above this use of the spool's disk (default 90)")
+                   help="refuse C-STOREs with 0xA700 above this use of the spool's disk "
+                        "(default 90)")
     p.add_argument("--retry-initial-s", type=float)
     p.add_argument("--retry-max-s", type=float)
     p.add_argument("--give-up-after-s", type=float,

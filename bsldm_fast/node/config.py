@@ -187,9 +187,13 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
         items = data.pop("destinations")
         if not isinstance(items, list) or not all(isinstance(d, dict) for d in items):
             raise NodeConfigError("destinations: expected [[destinations]] tables")
-        nested["destinations"] = tuple(
-            Destination(**_typed(Destination, d, f"destinations[{i}]")) for i, d in enumerate(items)
-        )
+        destinations = []
+        for i, item in enumerate(items):
+            for key in ("ae_title", "host", "port"):
+                if key not in item:
+                    raise NodeConfigError(f"destinations[{i}]: missing {key!r}")
+            destinations.append(Destination(**_typed(Destination, item, f"destinations[{i}]")))
+        nested["destinations"] = tuple(destinations)
     top = {k: v for k, v in _typed(NodeConfig, data, "").items()}
     for key in _SECTIONS:
         if key in top:

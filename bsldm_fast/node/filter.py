@@ -18,6 +18,10 @@ STORAGE_CLASSES = {
 _OWN_MARKS = tuple(f"{text} by bsldm_fast" for text in KIND_DESCRIPTIONS.values())
 
 
+def _shown(value: str) -> str:
+    return repr(value) if value else "missing"
+
+
 def is_own_output(ds) -> bool:
     """A derived instance this project wrote: Image Type DERIVED and its Derivation Description."""
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
@@ -31,7 +35,7 @@ def skip_reason(ds, settings: FilterSettings) -> str | None:
         return "a derived instance written by bsldm_fast (never re-processed)"
     modality = str(ds.get("Modality", "")).strip().upper()
     if settings.modalities and modality not in {m.upper() for m in settings.modalities}:
-        return f"modality {modality or 'missing'!r} is not one of {list(settings.modalities)}"
+        return f"modality {_shown(modality)} is not one of {list(settings.modalities)}"
     if "PixelData" not in ds:
         return "no pixel data"
     try:
@@ -47,9 +51,9 @@ def skip_reason(ds, settings: FilterSettings) -> str | None:
     if settings.body_parts:
         part = str(ds.get("BodyPartExamined", "")).strip().upper()
         if part not in {p.upper() for p in settings.body_parts}:
-            return f"body part {part or 'missing'!r} is not one of {list(settings.body_parts)}"
+            return f"body part {_shown(part)} is not one of {list(settings.body_parts)}"
     if settings.view_positions:
         view = str(ds.get("ViewPosition", "")).strip().upper()
         if view not in {v.upper() for v in settings.view_positions}:
-            return f"view position {view or 'missing'!r} is not one of {list(settings.view_positions)}"
+            return f"view position {_shown(view)} is not one of {list(settings.view_positions)}"
     return None

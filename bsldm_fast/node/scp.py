@@ -157,8 +157,8 @@ class Node:
         return server
 
     def _on_rejected(self, event) -> None:
-        logger.warning("association from %s (calling AE %r) rejected", event.assoc.remote["address"],
-                       event.assoc.requestor.ae_title)
+        logger.warning("association from %s (calling AE %r) rejected",
+                       event.assoc.remote["address"], event.assoc.requestor.ae_title)
 
     def _on_store(self, event) -> int:
         """C-STORE: spool durably, then success; or leave alone (logged); or 0xA700 when full."""

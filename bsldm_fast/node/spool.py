@@ -2,11 +2,12 @@
 
 Layout (one folder, on one file system, so every move is a rename):
 
-    incoming/UID.dcm      received, acknowledged, not processed yet (UID: the source SOP Instance UID)
+    incoming/UID.dcm      received and acknowledged, not processed yet (UID: the source's SOP UID)
     outgoing/UID/         processed: the derived instance(s) and state.json (destinations pending)
     failed/UID/           given up: what was there, plus reason.txt
     tmp/                  partial writes; emptied when the spool is opened
-    journal.jsonl         one line per event (received, processed, delivered, failed), UIDs only
+    journal.jsonl         one line per event (received, processed, delivered, failed), UIDs only;
+                          rotated to journal.jsonl.1 at start once above 64 MiB
 
 Guarantees:
 - `receive` returns only after the file is written, fsync'ed and renamed into incoming/ (and the
@@ -36,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 STATE = "state.json"
 REASON = "reason.txt"
+JOURNAL_MAX_BYTES = 64 << 20
+"""At start, a journal larger than this becomes journal.jsonl.1 (replacing an older one)."""
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
@@ -214,7 +217,8 @@ class Spool:
         out = []
         for path in sorted(self.failed_dir.iterdir()):
             reason_file = path / REASON
-            reason = reason_file.read_text(errors="replace").strip() if reason_file.exists() else "?"
+            reason = (reason_file.read_text(errors="replace").strip() if reason_file.exists()
+                      else "?")
             out.append((path.name, reason))
         return out
 
@@ -230,6 +234,9 @@ class Spool:
             else:
                 path.unlink(missing_ok=True)
             removed += 1
+        journal = self.root / "journal.jsonl"
+        if journal.exists() and journal.stat().st_size > JOURNAL_MAX_BYTES:
+            os.replace(journal, journal.with_suffix(".jsonl.1"))  # keeps one older journal
         duplicates = 0
         for name in self.incoming():
             if (self.outgoing_dir / name / STATE).is_file():

@@ -68,8 +68,6 @@ class Worker(threading.Thread):
         self._queued: set[str] = set()
         self._guard = threading.Lock()
         self._halt = threading.Event()
-        self.batches: list[int] = []
-        """Size of every batch run (for tests and the benchmark)."""
 
     def submit(self, name: str) -> None:
         with self._guard:
@@ -130,7 +128,6 @@ class Worker(threading.Thread):
             return
         start = time.perf_counter()
         softs = self._suppress([image.unit for _, _, image in images], [n for n, _, _ in images])
-        self.batches.append(len(images))
         logger.info("processed a batch of %d in %.2f s", len(images), time.perf_counter() - start)
         for (name, received, image), soft in zip(images, softs):
             if soft is None:

@@ -110,10 +110,26 @@ def read_uids(path: Path) -> tuple[str, str]:
 # dcmtk -----------------------------------------------------------------------------------------
 
 def storescu(port: int, files, aet: str = MODALITY_AE, aec: str = NODE_AE,
-             timeout: float = 120) -> subprocess.CompletedProcess:
-    """dcmtk storescu -v: the modality sending `files` to the node."""
-    return subprocess.run(["storescu", "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port),
-                           *map(str, files)], capture_output=True, text=True, timeout=timeout)
+             timeout: float = 120, tls: tuple[Path, Path] | None = None
+             ) -> subprocess.CompletedProcess:
+    """dcmtk storescu -v: the modality sending `files` to the node (over TLS with (key, cert),
+    which is also the CA)."""
+    return subprocess.run(["storescu", "-v", *_tls_flags(tls), "-aet", aet, "-aec", aec,
+                           "127.0.0.1", str(port), *map(str, files)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _tls_flags(tls: tuple[Path, Path] | None) -> list[str]:
+    return [] if tls is None else ["+tls", str(tls[0]), str(tls[1]), "+cf", str(tls[1])]
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """(key, certificate) for 127.0.0.1, made with the openssl command."""
+    key, cert = folder / "key.pem", folder / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout",
+                    str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return key, cert
 
 
 def echoscu(port: int, aet: str = MODALITY_AE, aec: str = NODE_AE) -> subprocess.CompletedProcess:
@@ -124,12 +140,13 @@ def echoscu(port: int, aet: str = MODALITY_AE, aec: str = NODE_AE) -> subprocess
 class StoreSCP:
     """dcmtk storescp: a plain destination writing what it receives into a folder."""
 
-    def __init__(self, folder: Path, aet: str = "STORESCP"):
+    def __init__(self, folder: Path, aet: str = "STORESCP", tls: tuple[Path, Path] | None = None):
         self.folder, self.aet, self.port = folder, aet, free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.log = open(folder.parent / f"storescp-{self.port}.log", "w")
-        self.process = subprocess.Popen(["storescp", "-aet", self.aet, "-od", str(folder),
-                                         str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(["storescp", *_tls_flags(tls), "-aet", self.aet, "-od",
+                                         str(folder), str(self.port)], stdout=self.log,
+                                        stderr=subprocess.STDOUT)
         wait_for(lambda: _listening(self.port), 20, f"storescp on port {self.port}")
 
     def files(self) -> list[Path]:
@@ -159,13 +176,23 @@ class Orthanc:
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
         self.config = folder / "orthanc.json"
+        self.configure()
+
+    def configure(self, modalities: dict | None = None, lua: str | None = None) -> None:
+        """(Re)write the config: `modalities` (Orthanc's DicomModalities), a Lua script."""
+        folder = self.folder
+        scripts = []
+        if lua is not None:
+            (folder / "route.lua").write_text(lua)
+            scripts = [str(folder / "route.lua")]
         self.config.write_text(json.dumps({
             "Name": "bsldm-node-test", "StorageDirectory": str(folder / "storage"),
-            "IndexDirectory": str(folder / "index"), "DicomAet": aet,
+            "IndexDirectory": str(folder / "index"), "DicomAet": self.aet,
             "DicomPort": self.dicom_port, "HttpPort": self.http_port, "HttpServerEnabled": True,
             "DicomServerEnabled": True, "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": [],
-            "StorageCompression": False, "DicomModalities": {},
+            "StorageCompression": False, "DicomModalities": modalities or {},
+            "LuaScripts": scripts,
         }))
 
     @property
@@ -304,11 +331,13 @@ class NodeProcess:
 
 def node_config(spool: Path, destinations: list[str], *, steps: int = 2, batch_size: int = 4,
                 max_wait_ms: int = 100, extra: str = "", limits: str = "", access: str = "",
-                filter_: str = "") -> str:
-    """A node TOML for the tests: the demo model, DDPM with few steps, one torch thread."""
+                filter_: str = "", tls: str = "") -> str:
+    """A node TOML for the tests: the demo model, DDPM with few steps, one torch thread. With a
+    [tls] section (`tls`), the destinations are reached over TLS too."""
     dests = "\n".join(
         f'[[destinations]]\nae_title = "{d.split("@")[0]}"\nhost = "127.0.0.1"\n'
-        f'port = {d.rsplit(":", 1)[1]}\n' for d in destinations)
+        f'port = {d.rsplit(":", 1)[1]}\ntls = {"true" if tls else "false"}\n'
+        for d in destinations)
     return f"""
 ae_title = "{NODE_AE}"
 host = "127.0.0.1"
@@ -332,6 +361,9 @@ threads = 1
 
 [limits]
 {limits}
+
+{"[tls]" if tls else ""}
+{tls}
 
 {dests}
 """

@@ -4,16 +4,19 @@ when its peer is not installed (scripts/test.sh installs them with apt-get where
 
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 
-from peers import (NodeProcess, Orthanc, StoreSCP, echoscu, free_port, make_cxr,
-                    missing, node_config, read_uids, storescu, wait_for, _node_env)
+from peers import (NODE_AE, NodeProcess, Orthanc, StoreSCP, _node_env, echoscu, free_port,
+                   make_cxr, missing, node_config, read_uids, self_signed, storescu, wait_for)
 
 DCMTK = missing("echoscu", "storescu", "storescp")
 ORTHANC = missing("Orthanc")
@@ -268,3 +271,71 @@ def test_spool_disk_above_threshold_gets_out_of_resources(tmp_path):
     assert "Received Store Response (Refused: OutOfResources)" in result.stderr
     assert "refused with 0xA700 (out of resources)" in node.text()
     assert list((tmp_path / "spool" / "incoming").iterdir()) == []
+
+
+@needs_orthanc
+def test_readme_orthanc_routing_rule_sends_chest_radiographs_to_the_node(tmp_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    lua = re.search(r"```lua\n(.*?)```", readme[readme.index("### Running as a DICOM node"):],
+                    re.S)[1]
+    pacs = Orthanc(tmp_path / "orthanc")
+    node = NodeProcess(tmp_path, node_config(tmp_path / "spool", [pacs.destination],
+                                             access='allowed_aets = ["ORTHANC"]'))
+    node.start()
+    try:
+        pacs.configure(modalities={"bsldm": [NODE_AE, "127.0.0.1", node.port]}, lua=lua)
+        pacs.start()
+        chest, hand = make_cxr(tmp_path / "chest.dcm"), make_cxr(tmp_path / "hand.dcm",
+                                                                  BodyPartExamined="HAND")
+        # The modality sends to the PACS only; the PACS routes the chest radiograph to the node.
+        assert _stored_ok(storescu(pacs.dicom_port, [chest, hand], aec=pacs.aet))
+        _wait_derived(pacs, read_uids(chest)[0])
+        _wait_spool_empty(node)
+        time.sleep(2.0)  # time for a wrongly routed derived instance to come back
+        assert len(pacs.study_series(read_uids(chest)[0])) == 2
+        assert len(pacs.study_series(read_uids(hand)[0])) == 1
+        assert pacs.count_instances() == 3
+        received = node.text().count(": received from ORTHANC")
+        assert received == 1, node.text()  # the derived series was not routed back
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+@pytest.mark.skipif(DCMTK is not None or shutil.which("openssl") is None,
+                    reason=str(DCMTK or "openssl is not installed"))
+def test_tls_both_ways_and_the_bone_series(tmp_path):
+    key, cert = self_signed(tmp_path)
+    scp = StoreSCP(tmp_path / "received", tls=(key, cert))
+    node = NodeProcess(tmp_path, node_config(
+        tmp_path / "spool", [f"{scp.aet}@127.0.0.1:{scp.port}"], extra="bone = true",
+        tls=f'cert = "{cert}"\nkey = "{key}"\nca = "{cert}"'))
+    node.start()
+    try:
+        source = make_cxr(tmp_path / "cxr.dcm")
+        assert not _stored_ok(storescu(node.port, [source]))  # plain TCP to a TLS node: refused
+        assert _stored_ok(storescu(node.port, [source], tls=(key, cert)))
+        _wait_spool_empty(node)
+        files = wait_for(lambda: len(scp.files()) == 2 and scp.files(), 30, "storescp's copies")
+        derived = [pydicom.dcmread(f) for f in files]
+        assert sorted(d.SeriesDescription for d in derived) == [
+            "Bone image (bsldm_fast, szch512)", DERIVED_DESCRIPTION]
+        assert len({d.SeriesInstanceUID for d in derived}) == 2
+        for d in derived:
+            assert d.SourceImageSequence[0].ReferencedSOPInstanceUID == read_uids(source)[1]
+    finally:
+        node.stop()
+        scp.stop()
+
+
+@needs_dcmtk
+def test_address_not_in_allowed_hosts_is_refused(tmp_path):
+    node = NodeProcess(tmp_path, node_config(tmp_path / "spool", [f"X@127.0.0.1:{free_port()}"],
+                                             access='allowed_hosts = ["192.0.2.1"]'))
+    node.start()
+    try:
+        result = echoscu(node.port)
+    finally:
+        node.stop()
+    assert result.returncode != 0 and "Echo Response" not in result.stderr
+    assert "connection from 127.0.0.1 refused: not in access.allowed_hosts" in node.text()
