@@ -55,15 +55,18 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
 
 # Test images ---------------------------------------------------------------------------------
 
-def make_cxr(path: Path, sample: int = 0, size: int = 512, frames: int = 1, **tags) -> Path:
-    """A DX chest radiograph (12 bits stored) from a bundled SZCH sample, new UIDs each call."""
+def make_cxr(path: Path, sample: int = 0, size: int = 512, frames: int = 1, bits: int = 12,
+             **tags) -> Path:
+    """A DX chest radiograph (12 bits stored, or 8 in 8 allocated) from a bundled SZCH sample,
+    new UIDs each call."""
     from PIL import Image
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian,
                              generate_uid)
 
     image = Image.open(SAMPLES / f"{sample}.png").convert("L").resize((size, size))
-    pixels = (np.asarray(image, dtype=np.uint16) * 16).astype(np.uint16)
+    pixels = np.asarray(image, dtype=np.uint8) if bits == 8 else \
+        (np.asarray(image, dtype=np.uint16) * 16).astype(np.uint16)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -86,15 +89,16 @@ def make_cxr(path: Path, sample: int = 0, size: int = 512, frames: int = 1, **ta
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = pixels.itemsize * 8, bits, bits - 1
+    ds.PixelRepresentation = 0
+    ds.WindowCenter, ds.WindowWidth = 2 ** (bits - 1), 2**bits
     if frames > 1:
         ds.NumberOfFrames = frames
         pixels = np.stack([pixels] * frames)
     for key, value in tags.items():
         setattr(ds, key, value)
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    ds["PixelData"].VR = "OW"
+    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
+    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -110,11 +114,11 @@ def read_uids(path: Path) -> tuple[str, str]:
 # dcmtk -----------------------------------------------------------------------------------------
 
 def storescu(port: int, files, aet: str = MODALITY_AE, aec: str = NODE_AE,
-             timeout: float = 120, tls: tuple[Path, Path] | None = None
-             ) -> subprocess.CompletedProcess:
+             timeout: float = 120, tls: tuple[Path, Path] | None = None,
+             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """dcmtk storescu -v: the modality sending `files` to the node (over TLS with (key, cert),
     which is also the CA)."""
-    return subprocess.run(["storescu", "-v", *_tls_flags(tls), "-aet", aet, "-aec", aec,
+    return subprocess.run(["storescu", "-v", *options, *_tls_flags(tls), "-aet", aet, "-aec", aec,
                            "127.0.0.1", str(port), *map(str, files)], capture_output=True,
                           text=True, timeout=timeout)
 

@@ -149,6 +149,27 @@ def test_store_gives_derived_series_in_the_same_study(node, orthanc, storescp, t
     assert node.status()["incoming"] == []
 
 
+@needs_orthanc
+@pytest.mark.parametrize("tool, args, propose, bits, expected", [
+    ("dcmcrle", [], "-xr", 12, "1.2.840.10008.1.2.5"),        # RLE Lossless stays RLE
+    ("dcmcjpeg", ["+eb"], "-xy", 8, "1.2.840.10008.1.2.1"),   # JPEG Baseline: never lossy again
+])
+def test_transfer_syntax_of_the_derived_instance(node, orthanc, tmp_path, tool, args, propose,
+                                                 bits, expected):
+    plain = make_cxr(tmp_path / "plain.dcm", size=256, bits=bits)
+    source = tmp_path / "compressed.dcm"
+    subprocess.run([tool, *args, str(plain), str(source)], check=True, capture_output=True)
+    result = storescu(node.port, [source], options=(propose,))
+    assert _stored_ok(result), result.stderr
+    assert re.search(r"Converting transfer syntax: (.+) -> \1\n", result.stderr)  # as it is
+    series = _wait_derived(orthanc, read_uids(source)[0])
+    instance = series["Instances"][0]
+    syntax = orthanc.get(f"/instances/{instance}/metadata/TransferSyntax", raw=True).decode()
+    assert syntax == expected
+    derived = pydicom.dcmread(pydicom.filebase.DicomBytesIO(orthanc.instance_file(instance)))
+    assert derived.pixel_array.shape == (256, 256) and derived.BitsStored == bits
+
+
 @needs_dcmtk
 def test_non_chest_and_multiframe_are_acknowledged_not_processed(node, tmp_path):
     hand = make_cxr(tmp_path / "hand.dcm", BodyPartExamined="HAND")
