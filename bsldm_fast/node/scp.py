@@ -42,10 +42,12 @@ def _accepted_syntaxes() -> list[str]:
 
 
 def ssl_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None]:
-    """(server, client) TLS contexts from the [tls] section; (None, None) without one."""
+    """(server, client) TLS contexts from the [tls] section. Without one the SCP is plain TCP, and
+    destinations with tls = true are checked against the system's CAs."""
     tls = config.tls
     if tls is None:
-        return None, None
+        wanted = any(d.tls for d in config.destinations)
+        return None, ssl.create_default_context() if wanted else None
     server = None
     if tls.cert:
         server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=tls.ca or None)
@@ -60,8 +62,8 @@ def ssl_contexts(config: NodeConfig) -> tuple[ssl.SSLContext | None, ssl.SSLCont
 class Node:
     """`bsldm-fast serve`: `start()`, then `stop()` (or `serve_forever()`).
 
-    `suppress`/`provenance` default to a `Suppressor` built from `config.model`, loaded once;
-    tests may pass their own.
+    `suppressor` defaults to a `Suppressor` built from `config.model`, loaded once; anything with
+    its `suppress_unit` and `provenance()` will do. One node per spool: `start` locks it.
     """
 
     def __init__(self, config: NodeConfig, suppressor=None):
@@ -77,6 +79,7 @@ class Node:
 
     def start(self) -> None:
         config = self.config
+        self.spool.lock()
         recovered = self.spool.recover()
         logger.info("spool %s: %d waiting to be processed, %d to be sent", self.spool.root,
                     recovered["incoming"], recovered["outgoing"])

@@ -102,6 +102,22 @@ class Spool:
         for folder in (self.incoming_dir, self.outgoing_dir, self.failed_dir, self.tmp_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
+    def lock(self) -> None:
+        """Hold the spool for this process (one node per spool); the kernel releases the lock when
+        the process dies, so a restart after kill -9 takes it at once. OSError if held."""
+        import fcntl
+
+        fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise OSError(f"spool {self.root} is in use by another node (pid {holder})") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+
     # Receiving -------------------------------------------------------------------------------
 
     def receive(self, sop_uid: str, data: bytes) -> Path:

@@ -110,3 +110,9 @@ def test_filter(tags, reason):
 
 def test_other_derived_images_are_not_mistaken_for_own_outputs():
     assert not is_own_output(_ds(ImageType=["DERIVED", "PRIMARY"], DerivationDescription="CAD"))
+
+
+def test_one_node_per_spool(tmp_path):
+    Spool(tmp_path).lock()
+    with pytest.raises(OSError, match=f"in use by another node \\(pid {os.getpid()}\\)"):
+        Spool(tmp_path).lock()
