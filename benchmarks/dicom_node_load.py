@@ -13,7 +13,7 @@ receive to delivery (the node's journal: durably received -> C-STORE success at 
 p95, max), the node's peak RSS (VmHWM) and its RSS sampled as the run goes (flat or growing), the
 batch sizes the worker ran; checked: every storescu store succeeded and Orthanc holds exactly one
 derived instance per source. Writes benchmarks/results/dicom-node-load-<machine>-<date>.json with
-`lscpu`'s model and flags.
+`lscpu`'s model and flags (never replacing an earlier result: -2, -3 ... are added).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "tests" / "node"))  # the peers the node's tests s
 from peers import NodeProcess, Orthanc, make_cxr, missing, node_config, wait_for  # noqa: E402
 
 from bundled_model import lscpu  # noqa: E402
-from timing import machine, machine_slug  # noqa: E402
+from timing import machine, machine_slug, write_new  # noqa: E402
 
 
 def _rss_mib(pid: int, field: str = "VmRSS") -> float:
@@ -182,10 +182,8 @@ def main() -> None:
                                       "orthanc_instances", "stores_succeeded", "ok")}
     summary["peak_rss_mib"] = result["node_rss_mib"]["peak_vmhwm"]
     print(json.dumps(summary, indent=1))
-    args.out.mkdir(parents=True, exist_ok=True)
     info = result["machine"]
-    path = args.out / f"dicom-node-load-{machine_slug(info)}-{info['date']}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    path = write_new(args.out, f"dicom-node-load-{machine_slug(info)}-{info['date']}", result)
     print(f"wrote {path}")
     if not result["ok"]:
         sys.exit(1)
