@@ -35,16 +35,7 @@ from bsldm_fast import Suppressor, metrics, modeldir  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
 from bsldm_fast.training.data import resize  # noqa: E402
 
-from bsldm_fast.training.trainer import TRAINING_DATA_FILE  # noqa: E402
-
-
-def trained_on(model_dir: Path) -> list[str] | None:
-    """The real pairs that trained a model directory, or None when it does not say."""
-    path = model_dir / TRAINING_DATA_FILE
-    if not path.is_file():
-        return None
-    pairs = json.loads(path.read_text()).get("real_pairs")
-    return None if pairs is None else [str(n) for n in pairs]
+from bsldm_fast.training.trainer import trained_real_pairs as trained_on  # noqa: E402
 
 
 def _unit(path: Path) -> np.ndarray:

@@ -20,7 +20,7 @@ import numpy as np
 from .._files import atomic_write
 from ..config import ModelConfig, OutputAnchor
 from ..modeldir import CONFIG_FILE
-from ..training.trainer import TRAINING_DATA_FILE
+from ..training.trainer import trained_real_pairs
 from .engine import load_pairs
 
 
@@ -29,14 +29,6 @@ def fit_offset(pairs: list[tuple[np.ndarray, np.ndarray]]) -> float:
     if not pairs:
         raise ValueError("no pairs to fit the anchor on")
     return float(np.mean([np.mean(soft - cxr) for cxr, soft in pairs]))
-
-
-def trained_pairs(model_dir: Path) -> list[str] | None:
-    path = model_dir / TRAINING_DATA_FILE
-    if not path.is_file():
-        return None
-    pairs = json.loads(path.read_text()).get("real_pairs")
-    return None if pairs is None else [str(p) for p in pairs]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config_path.is_file():
         parser.error(f"{config_path} does not exist")
     names = [n.strip() for n in args.train.split(",") if n.strip()]
-    listed = trained_pairs(model_dir)
+    listed = trained_real_pairs(model_dir)
     if listed is not None and sorted(listed) != sorted(names):
         parser.error(f"{model_dir} was trained on real pairs {listed}; --train must name exactly "
                      "those (fitting on others would leak held-out pairs into the model)")

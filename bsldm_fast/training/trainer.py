@@ -205,6 +205,15 @@ def _training_data_of(folder: Path) -> dict[str, Any] | None:
     return None
 
 
+def trained_real_pairs(model_dir: str | Path) -> list[str] | None:
+    """The real pairs a model directory says trained it, or None when it does not say."""
+    path = Path(model_dir) / TRAINING_DATA_FILE
+    if not path.is_file():
+        return None
+    pairs = json.loads(path.read_text()).get("real_pairs")
+    return None if pairs is None else [str(n) for n in pairs]
+
+
 def write_training_data(model_dir: Path, config: TrainConfig) -> None:
     """Record the data of this stage (and, for the LDM, of its VQGAN) in `training_data.json`.
 
