@@ -282,7 +282,8 @@ def part_psnr_demo(ctx: Context) -> dict:
     for precision in ("fp16", "bf16") if device.type == "cuda" else ("bf16",):
         runner = TorchRunner(model.config, model.vqgan, model.unet, device, precision)
         pipe = GraphPipeline(model.config, runner, device, "auto",
-                             graphs="cuda" if device.type == "cuda" else None)
+                             graphs="cuda" if device.type == "cuda" else None,
+                             codes=model.vqgan.quantizer.embedding.weight)
         result = torch.cat([pipe.run(images[i : i + 1], seeds[i : i + 1], SAMPLER) for i in range(3)])
         out[precision] = [psnr(reference[i], result[i]) for i in range(3)]
     print(f"demo model PSNR vs fp32 (dB): {json.dumps(out)}", flush=True)

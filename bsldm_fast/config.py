@@ -109,6 +109,10 @@ class DiffusionConfig:
     condition_scaling: str = "none"
     """How the CXR latent enters the U-Net: 'none' (unscaled, as sampled) or 'original'
     (scaled by sqrt(alpha_bar_t), as the original training noised it)."""
+    quantize_sample: bool = False
+    """Snap the sampled soft-tissue latent to the nearest codebook entries before decoding. The
+    original decodes it unquantised (False); a small codebook's decoder turns the residual noise a
+    few-step sampler leaves into a latent-grid texture, which quantising removes."""
 
 
 NORMALIZATIONS = ("none", "percentile")

@@ -122,7 +122,7 @@ class Pipeline:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images [B, 1, S, S], float32; like the original, sampled latents are decoded
-        unquantised."""
+        unquantised unless `config.diffusion.quantize_sample` (applied in `run`)."""
         latents = latents.to(self.vq_dtype).contiguous(memory_format=self.memory_format)
         return self.vq_decoder(latents).float().contiguous()
 
@@ -154,5 +154,8 @@ class Pipeline:
             raise ValueError(f"expected images of shape [B, 1, {size}, {size}], got {tuple(images.shape)}")
         cond = self.encode(images)
         latents = self.sample_latents(cond, seeds, sampler, steps, offset_noise, progress)
+        if self.config.diffusion.quantize_sample:
+            codes = self.vqgan.quantizer.embedding.weight
+            latents = kernels.vq_quantize(latents, codes, backend=self.step_backend)[0]
         return self.decode(latents)
 

@@ -82,10 +82,12 @@ class Program:
     """The static buffers and the sampling loop of one `ProgramKey` (see the module docstring)."""
 
     def __init__(self, key: ProgramKey, config: ModelConfig, schedule: Schedule, runner: Runner,
-                 device: torch.device, step_backend: str):
+                 device: torch.device, step_backend: str, codes: torch.Tensor | None = None):
         self.key = key
         self.runner = runner
         self.backend = step_backend
+        self.codes = codes
+        """The codebook when the sampled latent is quantised before decoding (quantize_sample)."""
         self.channels = config.diffusion.latent_channels
         b, c, h, s = key.batch, self.channels, config.latent_size, config.image_size
         timesteps = spaced_timesteps(schedule.num_timesteps, key.steps)
@@ -102,6 +104,9 @@ class Program:
         # One contiguous [B] row of timesteps per step (TensorRT wants contiguous inputs).
         self.timesteps = torch.tensor(timesteps, dtype=torch.int64, device=device).view(-1, 1).repeat(1, b)
         self.out = torch.zeros((b, config.vqgan.out_channels, s, s), device=device)
+        if codes is not None:
+            self.quantized = torch.zeros((b, c, h, h), device=device)
+            self.indices = torch.zeros((b, h, h), dtype=torch.int64, device=device)
         self.graph: Graph | None = None
 
     def buffers(self) -> dict[str, torch.Tensor]:
@@ -126,6 +131,8 @@ class Program:
                 kernels.ddim_step(x, eps, self.seeds, i, p, x, 0.0, self.backend)
             else:
                 kernels.dpmpp_2m_step(x, eps, self.x0 if i else None, p, x, self.x0, self.backend)
+        if self.codes is not None:
+            x = kernels.vq_quantize(x, self.codes, self.quantized, self.indices, self.backend)[0]
         self.out.copy_(self.runner.decode(x))
 
 
@@ -139,8 +146,13 @@ class GraphPipeline:
     """
 
     def __init__(self, config: ModelConfig, runner: Runner, device: torch.device | str = "cuda",
-                 step_backend: str = "auto", graphs: GraphCapture | None | str = "cuda"):
+                 step_backend: str = "auto", graphs: GraphCapture | None | str = "cuda",
+                 codes: torch.Tensor | None = None):
+        if config.diffusion.quantize_sample and codes is None:
+            raise ValueError("config.diffusion.quantize_sample needs the VQGAN codebook (codes)")
         self.config = config
+        self.codes = (codes.detach().float().to(device).contiguous()
+                      if config.diffusion.quantize_sample else None)
         self.runner = runner
         self.device = torch.device(device)
         self.precision = runner.precision
@@ -164,7 +176,7 @@ class GraphPipeline:
         program = self.programs.get(key)
         if program is None:
             program = Program(key, self.config, self.schedule, self.runner, self.device,
-                              self.step_backend)
+                              self.step_backend, self.codes)
             if self.graphs is not None:
                 logger.info("capturing a CUDA graph for %s", key)
                 with torch.inference_mode():
@@ -287,4 +299,4 @@ def build_pipeline(config: ModelConfig, vqgan, unet, device: torch.device, preci
     else:
         runner = TorchRunner(config, vqgan, unet, device, precision,
                              compile=chosen == "torch-compile", compile_mode=compile_mode)
-    return GraphPipeline(config, runner, device), chosen
+    return GraphPipeline(config, runner, device, codes=vqgan.quantizer.embedding.weight), chosen

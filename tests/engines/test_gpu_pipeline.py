@@ -239,3 +239,25 @@ def test_replays_follow_new_inputs_on_the_gpu(tiny_model, gen):
         torch.testing.assert_close(out, eager.run(images, seeds, "ddpm", 6), rtol=1e-4, atol=1e-4)
     assert len(pipe.programs) == 1
     assert kernels.resolve("auto", device) == pipe.step_backend
+
+
+def test_quantized_sample_matches_the_reference_and_the_plain_pipeline(tiny_model, cpu_runner, gen):
+    """`diffusion.quantize_sample`: the sampled latent snapped to the codebook before decoding, in
+    the CPU Pipeline and in the graph pipeline alike, and the same as doing it by hand."""
+    import dataclasses
+
+    diffusion = dataclasses.replace(tiny_model.config.diffusion, quantize_sample=True)
+    config = tiny_model.config.replace(diffusion=diffusion)
+    codes = tiny_model.vqgan.quantizer.embedding.weight
+    images = _images(gen, 2, config.image_size)
+    seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (2,), generator=gen)]
+    plain = Pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
+    latents = plain.sample_latents(plain.encode(images), seeds, "ddpm", 4)
+    by_hand = plain.decode(kernels.vq_quantize(latents, codes, backend="reference")[0])
+    quantized = Pipeline(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
+    torch.testing.assert_close(quantized.run(images, seeds, "ddpm", 4), by_hand, rtol=0, atol=1e-6)
+    graph = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs(), codes=codes)
+    torch.testing.assert_close(graph.run(images, seeds, "ddpm", 4), by_hand, rtol=1e-4, atol=1e-4)
+    assert (by_hand - plain.decode(latents)).abs().max() > 1e-3  # quantising changed the image
+    with pytest.raises(ValueError, match="codebook"):
+        GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=None)
