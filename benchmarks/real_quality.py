@@ -98,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held-out", required=True, help="comma-separated pair names to score")
     parser.add_argument("--model", action="append", default=[], metavar="NAME=DIR",
                         help="a model directory to score (repeatable); DIR may be 'demo'; "
-                             "DIR?normalization=MODE&anchor=MODE overrides its input normalisation "
-                             "and output anchor")
+                             "DIR?normalization=MODE&anchor=MODE&quantize=on|off overrides its input "
+                             "normalisation, output anchor and quantize_sample")
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the library's)")
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--seed", type=int, default=0)
@@ -129,8 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             elif key == "anchor":
                 anchor = dataclasses.replace(model.config.output_anchor, mode=mode)
                 model = dataclasses.replace(model, config=model.config.replace(output_anchor=anchor))
+            elif key == "quantize":
+                diffusion = dataclasses.replace(model.config.diffusion, quantize_sample=mode == "on")
+                model = dataclasses.replace(model, config=model.config.replace(diffusion=diffusion))
             else:
-                parser.error(f"--model {spec!r}: options are 'normalization=MODE' and 'anchor=MODE'")
+                parser.error(f"--model {spec!r}: options are 'normalization=MODE', 'anchor=MODE' "
+                             "and 'quantize=on|off'")
         seen = trained_on(Path(model.source)) if model.source and Path(model.source).is_dir() else None
         models.append((name, where, model, seen))
 
