@@ -82,6 +82,37 @@ def regional_mse(pred: np.ndarray, soft: np.ndarray, cxr: np.ndarray) -> dict[st
             "bone_share": float(bone.mean())}
 
 
+def parse_seeds(spec: str) -> list[int]:
+    """'1-19' or '1,2,5' -> seeds."""
+    seeds: list[int] = []
+    for part in filter(None, spec.split(",")):
+        low, _, high = part.partition("-")
+        seeds += range(int(low), int(high) + 1) if high else [int(low)]
+    return seeds
+
+
+def seed_rows(model: modeldir.Model, name: str, first: dict, cxr: np.ndarray, soft: np.ndarray,
+              args) -> list[dict]:
+    """One row per extra seed, then their summary with the main seed's row (`first`): how much of
+    a score is the luck of one draw."""
+    rows = []
+    for seed in args.seeds:
+        s = Suppressor(model, device="cpu", sampler=args.sampler, steps=args.steps, seed=seed,
+                       precision=args.precision, batch_size=1)
+        pred = s.suppress_unit([cxr])[0].astype(np.float64)
+        rows.append({**{k: first[k] for k in ("pair", "curve", "trained_on")},
+                     "method": f"{name}, seed {seed}", "seed": seed,
+                     **metrics.evaluate(pred, soft, cxr).as_dict()})
+    keys = ("bsr", "mse", "psnr", "ssim")
+    table = np.array([[r[k] for k in keys] for r in [first] + rows])
+    summary = {**{k: first[k] for k in ("pair", "curve", "trained_on")},
+               "method": f"{name}, {len(table)} seeds ({args.seed} and {args.seeds_spec})"}
+    summary.update({k: float(v) for k, v in zip(keys, table.mean(axis=0))})
+    summary.update({f"min_{k}": float(v) for k, v in zip(keys, table.min(axis=0))})
+    summary.update({f"max_{k}": float(v) for k, v in zip(keys, table.max(axis=0))})
+    return rows + [summary]
+
+
 def cpu_model() -> str:
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
@@ -103,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the library's)")
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="", metavar="LIST",
+                        help="also score each model with these seeds ('1-19' or '1,2,5'; as stored "
+                             "only) and summarise all seeds: mean, min, max")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--curve", action="append", default=[], metavar="SPEC",
                         help="also score under another display curve applied to both the CXR and "
@@ -112,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="results prefix (.json, .csv and .png are added)")
     args = parser.parse_args(argv)
 
+    args.seeds_spec, args.seeds = args.seeds, parse_seeds(args.seeds)
     pairs = Path(args.pairs)
     names = [n.strip() for n in args.held_out.split(",") if n.strip()]
     models = []
@@ -161,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
                          "vq_psnr_cxr": metrics.psnr(cxr, round_trip(model, cxr)),
                          "vq_psnr_soft": metrics.psnr(soft, round_trip(model, soft))})
             panels.append(pred)
+            if args.seeds and curve_name == "as stored":
+                rows += seed_rows(model, name, rows[-1], cxr, soft, args)
             anchor = model.config.output_anchor
             if anchor.mode == "input":
                 # What the anchor alone gives (as if the networks returned the CXR unchanged): the
@@ -181,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {"curves": [c for c, _ in curves], "cpu": cpu_model(), "torch": torch.__version__, "pairs": str(pairs), "held_out": names,
-              "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+              "sampler": args.sampler, "steps": args.steps, "seed": args.seed, "seeds": args.seeds,
               "precision": args.precision,
               "models": {name: {"dir": where, "trained_on": seen} for name, where, _, seen in models},
               "rows": rows}
