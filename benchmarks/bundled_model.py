@@ -18,7 +18,6 @@ Writes benchmarks/results/bundled-model-<machine>-<date>.json with `lscpu`'s mod
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -37,16 +36,7 @@ from bsldm_fast.pipeline import Pipeline  # noqa: E402
 from bsldm_fast.training.data import resize  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
 from checks import check_output, tolerances  # noqa: E402
-from timing import machine, machine_slug, measure, write_new  # noqa: E402
-
-
-def lscpu() -> dict[str, str]:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {}
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    return {"model": fields.get("Model name", "").strip(), "flags": fields.get("Flags", "").strip()}
+from timing import lscpu, machine, machine_slug, measure, write_new  # noqa: E402
 
 
 def model_input(model: modeldir.Model, unit: np.ndarray) -> torch.Tensor:

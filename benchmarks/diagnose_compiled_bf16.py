@@ -81,13 +81,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     import torch
+    from timing import lscpu
 
-    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    model = re.search(r"Model name:\s*(.*)", lscpu)
-    flags = re.search(r"Flags:\s*(.*)", lscpu)
-    amx = bool(flags and "amx_bf16" in flags.group(1))
+    cpu = lscpu()
+    amx = "amx_bf16" in cpu.get("flags", "")
     onednn = re.search(r"MKL-DNN v([\d.]+)", torch.__config__.show())
-    print(f"CPU: {model.group(1) if model else '?'}\nflags: {flags.group(1) if flags else '?'}")
+    print(f"CPU: {cpu.get('model', '?')}\nflags: {cpu.get('flags', '?')}")
     print(f"torch {torch.__version__}, oneDNN {onednn.group(1) if onednn else '?'}, AMX: {amx}")
 
     plain, _ = run_child(args, {})

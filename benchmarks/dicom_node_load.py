@@ -35,8 +35,7 @@ sys.path.insert(0, str(ROOT / "tests" / "node"))  # the peers the node's tests s
 
 from peers import NodeProcess, Orthanc, make_cxr, missing, node_config, wait_for  # noqa: E402
 
-from bundled_model import lscpu  # noqa: E402
-from timing import machine, machine_slug, write_new  # noqa: E402
+from timing import lscpu, machine, machine_slug, write_new  # noqa: E402
 
 
 def _rss_mib(pid: int, field: str = "VmRSS") -> float:

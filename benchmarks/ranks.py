@@ -42,8 +42,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
 
-from bundled_model import lscpu  # noqa: E402
-from timing import machine, machine_slug, write_new  # noqa: E402
+from timing import lscpu, machine, machine_slug, write_new  # noqa: E402
 
 from bsldm_fast.io import read_image  # noqa: E402
 

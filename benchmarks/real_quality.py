@@ -21,7 +21,6 @@ import dataclasses
 import csv
 import json
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from bsldm_fast import Suppressor, metrics, modeldir  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
 from bsldm_fast.training.data import resize  # noqa: E402
+from timing import lscpu  # noqa: E402
 
 from bsldm_fast.training.trainer import trained_real_pairs as trained_on  # noqa: E402
 
@@ -111,15 +111,6 @@ def seed_rows(model: modeldir.Model, name: str, first: dict, cxr: np.ndarray, so
     summary.update({f"min_{k}": float(v) for k, v in zip(keys, table.min(axis=0))})
     summary.update({f"max_{k}": float(v) for k, v in zip(keys, table.max(axis=0))})
     return rows + [summary]
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines()
-                    if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"curves": [c for c, _ in curves], "cpu": cpu_model(), "torch": torch.__version__, "pairs": str(pairs), "held_out": names,
+    record = {"curves": [c for c, _ in curves], "cpu": lscpu().get("model") or platform.processor() or "unknown", "torch": torch.__version__, "pairs": str(pairs), "held_out": names,
               "sampler": args.sampler, "steps": args.steps, "seed": args.seed, "seeds": args.seeds,
               "precision": args.precision,
               "models": {name: {"dir": where, "trained_on": seen} for name, where, _, seen in models},

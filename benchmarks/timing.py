@@ -9,6 +9,7 @@ import platform
 import re
 import resource
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -195,6 +196,17 @@ def machine(device: torch.device | str = "cpu") -> dict:
         info["device"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+def lscpu() -> dict[str, str]:
+    """`lscpu`'s model name and flags ({} where there is no lscpu): every result records both,
+    because the CPU model changes between sessions."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    return {"model": fields.get("Model name", "").strip(), "flags": fields.get("Flags", "").strip()}
 
 
 def _cpu_model() -> str:

@@ -113,7 +113,10 @@ class Pipeline:
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """CXR images [B, 1, S, S] in [-1, 1] -> quantised latents [B, 4, S/8, S/8]."""
         images = images.to(self.device, self.vq_dtype).contiguous(memory_format=self.memory_format)
-        z = self.vq_encoder(images).float().contiguous()
+        return self.quantize(self.vq_encoder(images).float().contiguous())
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Each latent vector of z [B, 4, h, w] (float32) replaced by its nearest code."""
         if self.step_backend == "reference":
             return self.vqgan.quantizer(z)
         codes = self.vqgan.quantizer.embedding.weight
@@ -155,7 +158,6 @@ class Pipeline:
         cond = self.encode(images)
         latents = self.sample_latents(cond, seeds, sampler, steps, offset_noise, progress)
         if self.config.diffusion.quantize_sample:
-            codes = self.vqgan.quantizer.embedding.weight
-            latents = kernels.vq_quantize(latents, codes, backend=self.step_backend)[0]
+            latents = self.quantize(latents)
         return self.decode(latents)
 

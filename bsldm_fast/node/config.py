@@ -194,7 +194,7 @@ def from_dict(data: dict[str, Any]) -> NodeConfig:
                     raise NodeConfigError(f"destinations[{i}]: missing {key!r}")
             destinations.append(Destination(**_typed(Destination, item, f"destinations[{i}]")))
         nested["destinations"] = tuple(destinations)
-    top = {k: v for k, v in _typed(NodeConfig, data, "").items()}
+    top = _typed(NodeConfig, data, "")
     for key in _SECTIONS:
         if key in top:
             raise NodeConfigError(f"{key} must be a [{key}] table")
