@@ -11,14 +11,17 @@ bundled demo model; the node sends every derived instance to an Orthanc started 
 Measured: images/s (first receive to last delivery, from the spool's journal), latency from
 receive to delivery (the node's journal: durably received -> C-STORE success at Orthanc; median,
 p95, max), the node's peak RSS (VmHWM) and its RSS sampled as the run goes (flat or growing), the
-batch sizes the worker ran; checked: every storescu store succeeded and Orthanc holds exactly one
-derived instance per source. Writes benchmarks/results/dicom-node-load-<machine>-<date>.json with
+batch sizes the worker ran; checked: every storescu store succeeded, Orthanc holds exactly one
+derived instance per source, and three of them (first, middle, last) match what `bsldm-fast
+suppress` writes for the same file in fp32 (within CHECK_BOUND and CHECK_SHARE; otherwise no
+rate is reported). Writes benchmarks/results/dicom-node-load-<machine>-<date>.json with
 `lscpu`'s model and flags (never replacing an earlier result: -2, -3 ... are added).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import re
@@ -51,6 +54,41 @@ def _journal(spool: Path) -> list[dict]:
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+CHECK_BOUND = 2e-2
+"""Largest difference, as a share of the stored range, between what the node delivered and what
+`bsldm-fast suppress` (fp32, batch 1) writes for the same file, and CHECK_SHARE: the most pixels
+that may differ by more than 1e-3. The batch-composition bounds of the README's Python section for
+a model with the quantised decode (the node batches; the reference does not)."""
+CHECK_SHARE = 1e-3
+
+
+def _check_pixels(orthanc: Orthanc, sources: list[Path], work: Path, args) -> dict:
+    """The derived instances Orthanc received for `sources` against the fp32 product path run on
+    the same files: a rate is only reported for output that matches it."""
+    import numpy as np
+    import pydicom
+
+    out = work / "reference"
+    subprocess.run([sys.executable, "-m", "bsldm_fast.cli", "suppress", *map(str, sources), "-o",
+                    str(out), "--model", "demo", "--steps", str(args.steps), "--device", "cpu",
+                    "--precision", "fp32", "--batch-size", "1"], check=True, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
+    worst, share = 0.0, 0.0
+    for source in sources:
+        expected = pydicom.dcmread(out / source.name)
+        hits = [h for h in orthanc.post("/tools/lookup", expected.SOPInstanceUID.encode())
+                if h["Type"] == "Instance"]
+        if len(hits) != 1:
+            return {"passed": False, "why": f"{source.name}: {len(hits)} derived instances"}
+        delivered = pydicom.dcmread(io.BytesIO(orthanc.instance_file(hits[0]["ID"])))
+        diff = np.abs(delivered.pixel_array.astype(np.int64) - expected.pixel_array.astype(np.int64))
+        diff = diff / (2 ** int(expected.BitsStored) - 1)
+        worst, share = max(worst, float(diff.max())), max(share, float((diff > 1e-3).mean()))
+    return {"passed": worst <= CHECK_BOUND and share <= CHECK_SHARE, "instances": len(sources),
+            "max_error": worst, "share_above_1e-3": share, "bound": CHECK_BOUND,
+            "share_bound": CHECK_SHARE, "reference": "bsldm-fast suppress, fp32, batch 1, same file"}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -109,6 +147,7 @@ def run(args: argparse.Namespace) -> dict:
         batches = [int(n) for n in re.findall(r"processed a batch of (\d+)", node.text())]
         time.sleep(2.0)
         final_count = orthanc.count_instances()
+        check = _check_pixels(orthanc, [files[0], files[len(files) // 2], files[-1]], work, args)
     finally:
         node.stop()
         orthanc.stop()
@@ -159,8 +198,12 @@ def run(args: argparse.Namespace) -> dict:
         "batches": {"count": len(batches), "sizes": {str(k): batches.count(k)
                                                      for k in sorted(set(batches))}},
     }
+    result["check"] = check
     result["ok"] = (stores_ok == args.instances and len(names) == args.instances
-                    and result["orthanc_instances"] == args.instances and result["failed"] == 0)
+                    and result["orthanc_instances"] == args.instances and result["failed"] == 0
+                    and check["passed"])
+    if not check["passed"]:  # never a rate for output that does not match the reference
+        del result["images_per_s"]
     return result
 
 
@@ -177,8 +220,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
     result = run(args)
-    summary = {k: result[k] for k in ("images_per_s", "latency_s", "delivered_items",
-                                      "orthanc_instances", "stores_succeeded", "ok")}
+    summary = {k: result.get(k) for k in ("images_per_s", "latency_s", "delivered_items",
+                                          "orthanc_instances", "stores_succeeded", "check", "ok")}
     summary["peak_rss_mib"] = result["node_rss_mib"]["peak_vmhwm"]
     print(json.dumps(summary, indent=1))
     info = result["machine"]

@@ -78,3 +78,16 @@ def test_demo_beats_the_identity_on_a_real_pair_it_never_saw(demo):
                                             0, 1), metrics.to_unit(soft), cxr)
         assert model.psnr > anchored.psnr + 0.5 and model.ssim > anchored.ssim + 0.01, (name, model, anchored)
         assert model.bsr > anchored.bsr + 0.01, (name, model, anchored)
+
+
+def test_batch_composition_moves_only_a_few_near_tie_patches(demo):
+    """With the quantised decode a batch's float32 rounding can tip a near-tie between two codes;
+    the README bounds what that may move (measured on these samples: 6.5e-3 at most, 0.03 % of
+    the pixels above 1e-3)."""
+    images = [metrics.to_unit(read_image(p)).astype(np.float32)
+              for p in sorted((SAMPLES / "cxr").glob("*.png"))]
+    suppressor = Suppressor(demo, device="cpu", batch_size=len(images))
+    batch = suppressor.suppress_unit(images)
+    for image, together in zip(images, batch):
+        diff = np.abs(together - suppressor.suppress_unit([image])[0])
+        assert diff.max() <= 2e-2 and (diff > 1e-3).mean() <= 1e-3
