@@ -71,7 +71,7 @@ def pipeline_outputs() -> dict[str, str]:
     hashes = {}
     for precision in ("fp32", "bf16"):
         for backend in ("reference", "auto"):
-            pipeline = Pipeline(model.config, model.vqgan, model.unet, "cpu", precision, backend)
+            pipeline = Pipeline.create(model.config, model.vqgan, model.unet, "cpu", precision, backend)
             for sampler in ("ddpm", "ddim", "dpmpp"):
                 for offset in (False, True):
                     out = pipeline.run(images, [3, 11], sampler, steps=6, offset_noise=offset)

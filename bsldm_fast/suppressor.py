@@ -57,7 +57,7 @@ class Suppressor:
     >>> soft = s(cxr)            # 2-D uint8/uint16/float array -> same shape and dtype
 
     `backend` picks what runs the networks: 'tensorrt' (cached engines, `bsldm-fast build-engine`),
-    'torch-compile' or 'torch', the first two in the CUDA-graph pipeline (engines/gpu_pipeline.py);
+    'torch-compile' or 'torch', the first two in the CUDA-graph pipeline (pipeline.py);
     'auto' takes TensorRT when it and the engines are there, else torch-compile on CUDA, else the
     CPU path. On CUDA the first batch compiles (torch-compile: minutes for the paper model) and
     captures a CUDA graph, which later batches replay; a smaller last batch is padded into it.
@@ -86,7 +86,7 @@ class Suppressor:
         self.seed = int(seed)
         self.batch_size = batch_size
         self.offset_noise = offset_noise
-        from .engines.gpu_pipeline import build_pipeline
+        from .pipeline import build_pipeline
 
         self.pipeline, self.backend = build_pipeline(
             model.config, model.vqgan, model.unet, resolve_device(device), precision, backend,

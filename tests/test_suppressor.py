@@ -194,7 +194,7 @@ def test_backends_that_cannot_run_on_the_cpu_are_refused(tiny_model, backend, er
 
 
 def test_auto_prefers_tensorrt_then_torch_compile_on_cuda():
-    from bsldm_fast.engines.gpu_pipeline import choose_backend
+    from bsldm_fast.engines.runners import choose_backend
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert choose_backend("auto", cuda, lambda: None) == "tensorrt"
@@ -207,7 +207,7 @@ def test_auto_prefers_tensorrt_then_torch_compile_on_cuda():
 
 
 def test_a_missing_or_stale_engine_names_the_build_command(tiny_model, tmp_path):
-    from bsldm_fast.engines.gpu_pipeline import tensorrt_unavailable
+    from bsldm_fast.engines.runners import tensorrt_unavailable
     from bsldm_fast.engines.tensorrt import Target
     from bsldm_fast.modeldir import save
 

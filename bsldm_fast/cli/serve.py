@@ -10,7 +10,7 @@ import sys
 import threading
 
 from ..diffusion import SAMPLERS
-from ..engines.gpu_pipeline import BACKENDS
+from ..engines.runners import BACKENDS
 from ..pipeline import PRECISIONS
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from ..diffusion import SAMPLERS
-from ..engines.gpu_pipeline import BACKENDS
+from ..engines.runners import BACKENDS
 from ..io import ImageError, find_images
 from ..io.batch import REPORT_NAME, BatchInterrupted, BatchOptions, prepare_output, run_batch
 from ..io.ranks import agree, broadcast

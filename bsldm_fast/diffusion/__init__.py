@@ -1,14 +1,17 @@
-"""Noise schedule, sampling noise and samplers (pure functions over tensors)."""
+"""Noise schedule, plans, sampling noise and sampler updates (pure functions over tensors)."""
 
-from .samplers import SAMPLERS, sample, sample_ddim, sample_ddpm, sample_dpmpp_2m
+from .plan import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Plan, make_plan, plan_timesteps
+from .samplers import sample
 from .schedule import Schedule, spaced_timesteps
 
 __all__ = [
+    "DEFAULT_SAMPLER",
+    "DEFAULT_STEPS",
     "SAMPLERS",
+    "Plan",
     "Schedule",
+    "make_plan",
+    "plan_timesteps",
     "sample",
-    "sample_ddim",
-    "sample_ddpm",
-    "sample_dpmpp_2m",
     "spaced_timesteps",
 ]

@@ -28,20 +28,78 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import math
 
-from ..kernels import reference
+import torch
 
 INIT_STREAM = 0
 """Stream of the initial latent x_T."""
 STEP_STREAM = 1
 """Stream of the per-step noise of ancestral samplers."""
-OFFSET_STREAM_DELTA = reference.OFFSET_STREAM_DELTA
-"""The offset term of stream s is drawn from stream s + OFFSET_STREAM_DELTA."""
+OFFSET_STREAM_DELTA = 2
+"""The offset term of stream s is drawn from stream s + OFFSET_STREAM_DELTA (csrc/philox.h)."""
 OFFSET_STREAM = INIT_STREAM + OFFSET_STREAM_DELTA
 """Stream of the per-sample, per-channel offset term of x_T."""
 
 _MASK64 = (1 << 64) - 1
+
+# Philox4x32-10, emulated exactly: uint32 values held in int64 tensors, 32x32-bit products split
+# into 16-bit halves so that nothing overflows int64.
+MASK32 = 0xFFFFFFFF
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+TWO_PI_F32 = 6.2831854820251465
+"""float32(2 pi), the Box-Muller constant every implementation uses."""
+INV_2_POW_24 = 2.0**-24
+
+
+def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a * b) >> 32 and (a * b) & 0xffffffff for uint32 a and b, without int64 overflow."""
+    low16 = b & 0xFFFF
+    p1 = a * (b >> 16)  # < 2^48
+    p0 = a * low16  # < 2^48
+    mid = p1 + (p0 >> 16)
+    return mid >> 16, ((mid & 0xFFFF) << 16) | (p0 & 0xFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
+    """Philox4x32-10 (Salmon et al. 2011, Random123's philox4x32_R) on int64 tensors of uint32 values."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in (c0, c1, c2, c3))
+    k0, k1 = torch.as_tensor(k0, dtype=torch.int64), torch.as_tensor(k1, dtype=torch.int64)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(PHILOX_ROUND_A, c0)
+        hi1, lo1 = _mulhilo(PHILOX_ROUND_B, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = (k0 + PHILOX_KEY_A) & MASK32
+        k1 = (k1 + PHILOX_KEY_B) & MASK32
+    return c0, c1, c2, c3
+
+
+def philox_normals(seeds: torch.Tensor, stream: int, step: int, indices: torch.Tensor) -> torch.Tensor:
+    """Standard normals [B, N] of the stream: sample b, element indices[n] (the module docstring)."""
+    seeds = seeds.to(torch.int64).view(-1, 1)
+    index = indices.to(device=seeds.device, dtype=torch.int64).view(1, -1)
+    zero = torch.zeros_like(index)
+    r0, r1, r2, r3 = philox4x32_10(index >> 2, zero, zero + step, zero + stream, seeds & MASK32,
+                                   (seeds >> 32) & MASK32)
+    second_pair = (index & 2) != 0
+    u1 = ((torch.where(second_pair, r2, r0) >> 8) + 1).to(torch.float32) * INV_2_POW_24
+    u2 = (torch.where(second_pair, r3, r1) >> 8).to(torch.float32) * INV_2_POW_24
+    radius = torch.sqrt(-2.0 * torch.log(u1))
+    theta = TWO_PI_F32 * u2
+    return torch.where((index & 1) != 0, radius * torch.sin(theta), radius * torch.cos(theta))
+
+
+def noise(seeds: torch.Tensor, stream: int, step: int, shape: tuple[int, ...], offset: float) -> torch.Tensor:
+    """z + offset * z_c of shape [B, *shape] ([C, h, w]): z per element, z_c per sample and channel."""
+    numel = math.prod(shape)
+    z = philox_normals(seeds, stream, step, torch.arange(numel)).view(-1, *shape)
+    if offset:
+        channels = philox_normals(seeds, stream + OFFSET_STREAM_DELTA, step, torch.arange(shape[0]))
+        z = z + offset * channels.view(-1, shape[0], *([1] * (len(shape) - 1)))
+    return z
 
 
 def seed_tensor(seeds: Sequence[int], device: torch.device | str = "cpu") -> torch.Tensor:
@@ -54,13 +112,13 @@ def seed_tensor(seeds: Sequence[int], device: torch.device | str = "cpu") -> tor
 def normal(seeds: Sequence[int], stream: int, step: int, shape: Sequence[int],
            device: torch.device | str = "cpu") -> torch.Tensor:
     """Standard normals of shape [len(seeds), *shape], one independent draw per seed."""
-    return reference.noise(seed_tensor(seeds, device), stream, step, tuple(shape), 0.0)
+    return noise(seed_tensor(seeds, device), stream, step, tuple(shape), 0.0)
 
 
 def initial_latent(seeds: Sequence[int], shape: Sequence[int], offset_coefficient: float = 0.0,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """x_T ~ N(0, I), plus offset noise c * eps_c (one value per sample and channel) when c > 0."""
-    return reference.noise(seed_tensor(seeds, device), INIT_STREAM, 0, tuple(shape), offset_coefficient)
+    return noise(seed_tensor(seeds, device), INIT_STREAM, 0, tuple(shape), offset_coefficient)
 
 
 class StepNoise:
@@ -73,4 +131,4 @@ class StepNoise:
         self.offset = offset_coefficient
 
     def __call__(self, step: int) -> torch.Tensor:
-        return reference.noise(self.seeds, STEP_STREAM, step, self.shape, self.offset)
+        return noise(self.seeds, STEP_STREAM, step, self.shape, self.offset)

@@ -1,11 +1,9 @@
-"""Compiled networks: ONNX export, the TensorRT engine cache, the network runners and the
-CUDA-graph pipeline."""
+"""Compiled networks: ONNX export, the TensorRT engine cache and the network runners."""
 
 from .cache import EngineError, EngineKey, model_hash
-from .gpu_pipeline import BACKENDS, GraphPipeline, build_pipeline
 from .graphs import GRAPH_NAMES, BatchProfile, graph_spec
 from .onnx_export import check_graph, export_model_dir, onnx_path
-from .runners import TensorRTRunner, TorchRunner
+from .runners import BACKENDS, TensorRTRunner, TorchRunner, make_runner
 
 __all__ = [
     "BACKENDS",
@@ -13,13 +11,12 @@ __all__ = [
     "BatchProfile",
     "EngineError",
     "EngineKey",
-    "GraphPipeline",
     "TensorRTRunner",
     "TorchRunner",
-    "build_pipeline",
     "check_graph",
     "export_model_dir",
     "graph_spec",
+    "make_runner",
     "model_hash",
     "onnx_path",
 ]

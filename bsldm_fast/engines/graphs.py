@@ -14,13 +14,14 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..diffusion import Schedule
 from ..models import VQGAN, UNet
+from ..models.latent import LatentDecoder, LatentDenoiser, LatentEncoder
+from ..precision import PRECISIONS
 
 GRAPH_NAMES = ("encoder", "decoder", "unet")
 
 # Compute precisions an ONNX graph can carry. fp8/int8 are Q/DQ graphs derived from the fp32 one.
-ONNX_PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+ONNX_PRECISIONS = PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -90,57 +91,20 @@ def graph_spec(name: str, config: ModelConfig) -> GraphSpec:
 
 
 class EncoderGraph(nn.Module):
-    """image [B, 1, S, S] -> quantised latent [B, 4, S/8, S/8]: `VQGAN.encode_latent`.
+    """image [B, 1, S, S] -> quantised latent [B, 4, S/8, S/8]: `LatentEncoder`, then the codebook.
 
-    The nearest-code search always runs in float32 (`Codebook.indices` upcasts), so a reduced
-    precision encoder cannot flip near-tied codes through the distance arithmetic itself.
+    The nearest-code search runs in float32 on the float32 encoder output (`Codebook.indices`), so
+    a reduced-precision encoder cannot flip near-tied codes through the distance arithmetic itself.
+    The PyTorch runners search with the fused `kernels.vq_quantize` instead, tested against it.
     """
 
     def __init__(self, vqgan: VQGAN):
         super().__init__()
-        self.vqgan = vqgan
+        self.encoder = LatentEncoder(vqgan.encoder)
+        self.quantizer = vqgan.quantizer
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        dtype = self.vqgan.quantizer.embedding.weight.dtype
-        z = self.vqgan.encode(image.to(dtype))
-        quantizer = self.vqgan.quantizer
-        return quantizer.embed(quantizer.indices(z)).float()
-
-
-class DecoderGraph(nn.Module):
-    """latent [B, 4, S/8, S/8] -> image [B, 1, S, S]: `VQGAN.decode`."""
-
-    def __init__(self, vqgan: VQGAN):
-        super().__init__()
-        self.vqgan = vqgan
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        dtype = self.vqgan.quantizer.embedding.weight.dtype
-        return self.vqgan.decode(latent.to(dtype)).float()
-
-
-class UNetGraph(nn.Module):
-    """(U [B, 8, h, w], t [B]) -> eps [B, 4, h, w]: exactly `pipeline.LatentDenoiser`'s contract.
-
-    The conditioning rule (`condition_scaling`) and the slicing to the soft-tissue channels are part
-    of the graph, so an engine replaces the denoiser with nothing around it.
-    """
-
-    def __init__(self, unet: UNet, config: ModelConfig):
-        super().__init__()
-        self.unet = unet
-        self.channels = config.diffusion.latent_channels
-        scale = None
-        if config.diffusion.condition_scaling == "original":
-            scale = Schedule.from_config(config.diffusion).alphas_cumprod.sqrt().float()
-        self.register_buffer("cond_scale", scale)
-
-    def forward(self, U: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # noqa: N803 (the I/O name)
-        if self.cond_scale is not None:
-            scale = self.cond_scale[t].view(-1, 1, 1, 1)
-            U = torch.cat([U[:, : self.channels], U[:, self.channels :] * scale], dim=1)
-        dtype = self.unet.time_embed[0].weight.dtype
-        return self.unet(U.to(dtype), t)[:, : self.channels].float()
+        return self.quantizer(self.encoder(image)).float()
 
 
 def graph_module(name: str, config: ModelConfig, vqgan: VQGAN, unet: UNet) -> nn.Module:
@@ -148,9 +112,9 @@ def graph_module(name: str, config: ModelConfig, vqgan: VQGAN, unet: UNet) -> nn
     if name == "encoder":
         module: nn.Module = EncoderGraph(vqgan)
     elif name == "decoder":
-        module = DecoderGraph(vqgan)
+        module = LatentDecoder(vqgan.decoder)
     elif name == "unet":
-        module = UNetGraph(unet, config)
+        module = LatentDenoiser(unet, config)
     else:
         raise ValueError(f"unknown graph {name!r}; choose one of {GRAPH_NAMES}")
     # The wrapper's own buffers (the conditioning scale) go where the networks are.

@@ -32,7 +32,7 @@ from torch import nn
 from .. import __version__
 from .._files import atomic_write
 from ..modeldir import Model
-from ..pipeline import LatentDenoiser
+from ..models.latent import LatentDenoiser
 from .cache import ONNX_DIR, EngineError, OnnxKey, model_hash, read_manifest, write_manifest
 from .graphs import GRAPH_NAMES, ONNX_PRECISIONS, GraphSpec, graph_module, graph_spec
 
@@ -65,12 +65,15 @@ def onnx_path(model_dir: str | Path, graph: str, precision: str) -> Path:
 
 def converted(model: Model, precision: str,
               device: torch.device | str = "cpu") -> tuple[nn.Module, nn.Module]:
-    """(vqgan, unet) in the compute dtype of `precision` on `device`; copies when that converts."""
+    """(vqgan, unet) in the compute dtype of `precision` on `device`; copies when that converts.
+    The codebook stays float32, as in the PyTorch runners."""
     dtype = ONNX_PRECISIONS[precision]
     device = torch.device(device)
     if dtype == torch.float32 and device.type == "cpu":
         return model.vqgan.eval(), model.unet.eval()
-    return tuple(copy.deepcopy(m).to(device, dtype).eval() for m in (model.vqgan, model.unet))
+    vqgan, unet = (copy.deepcopy(m).to(device, dtype).eval() for m in (model.vqgan, model.unet))
+    vqgan.quantizer.float()
+    return vqgan, unet
 
 
 def export_graph(module: nn.Module, spec: GraphSpec, opset: int = DEFAULT_OPSET) -> "onnx.ModelProto":
@@ -247,11 +250,7 @@ def torch_reference(name: str, model: Model, feeds: dict[str, torch.Tensor]) -> 
             return model.vqgan.encode_latent(feeds["image"])
         if name == "decoder":
             return model.vqgan.decode(feeds["latent"])
-        from ..diffusion import Schedule
-
-        schedule = Schedule.from_config(model.config.diffusion)
-        denoiser = LatentDenoiser(model.unet, model.config, schedule, torch.float32)
-        return denoiser(feeds["U"], feeds["t"])
+        return LatentDenoiser(model.unet, model.config)(feeds["U"], feeds["t"])
 
 
 def onnxruntime_outputs(proto_or_path, feeds: dict[str, torch.Tensor]) -> np.ndarray:

@@ -65,28 +65,35 @@ def load_calibration_images(paths: Sequence[str | Path], size: int) -> torch.Ten
 def calibration_feeds(model: Model, images: torch.Tensor, sampler: str = "dpmpp",
                       steps: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
     """Every U-Net input (U, t) met while sampling soft-tissue latents for `images`, as arrays."""
-    from ..diffusion import sample, spaced_timesteps
-    from ..diffusion.noise import StepNoise, initial_latent
-    from ..pipeline import LatentDenoiser, Pipeline
+    from ..pipeline import Pipeline
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    pipeline = Pipeline(model.config, model.vqgan, model.unet, device=device)
+    pipeline = Pipeline.create(model.config, model.vqgan, model.unet, device=device)
+    recording = _Recording(pipeline.runner)
     cond = pipeline.encode(images)
-    denoiser = LatentDenoiser(pipeline.unet, model.config, pipeline.schedule, torch.float32)
-    recorded: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def recording(u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        t = t.expand(u.shape[0]) if t.dim() == 0 else t
-        recorded.append((u.clone(), t.clone()))
-        return denoiser(u, t)
-
     seeds = [seed + i for i in range(cond.shape[0])]
-    shape = tuple(cond.shape[1:])
-    timesteps = spaced_timesteps(pipeline.schedule.num_timesteps, steps)
-    x = initial_latent(seeds, shape, 0.0, cond.device)
-    sample(sampler, recording, x, cond, pipeline.schedule, timesteps, StepNoise(seeds, shape, cond.device))
-    return {"U": torch.cat([u for u, _ in recorded]).cpu().numpy(),
-            "t": torch.cat([t for _, t in recorded]).to(torch.int64).cpu().numpy()}
+    Pipeline(model.config, recording, device).sample_latents(cond, seeds, sampler, steps)
+    return {"U": torch.cat([u for u, _ in recording.inputs]).cpu().numpy(),
+            "t": torch.cat([t for _, t in recording.inputs]).to(torch.int64).cpu().numpy()}
+
+
+class _Recording:
+    """A runner that keeps a copy of every U-Net input it is given."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.name, self.precision, self.codes = runner.name, runner.precision, runner.codes
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.runner.encode(images)
+
+    def denoise(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.inputs.append((u.clone(), t.clone()))
+        return self.runner.denoise(u, t)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.runner.decode(latents)
 
 
 def quantized_unet_onnx(model_dir: str | Path, model: Model, mode: str,

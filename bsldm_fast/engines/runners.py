@@ -1,43 +1,53 @@
-"""The network runners of the GPU pipeline: the same three graphs on PyTorch or on TensorRT engines.
+"""Runners: what runs the three networks of a pipeline, built by one factory (`make_runner`).
 
-A runner has three calls with float32 I/O, the contracts of `graphs.EncoderGraph`, `UNetGraph` and
-`DecoderGraph` (the modules that export to ONNX and become the engines):
+A runner has three calls with float32 I/O, the contracts of `models.latent` and of the exported
+graphs (engines/graphs.py):
 
 - `encode(images [B, 1, S, S]) -> quantised CXR latent [B, 4, h, w]`;
 - `denoise(U [B, 8, h, w], t [B] int64) -> eps [B, 4, h, w]` (conditioning rule inside);
 - `decode(latent [B, 4, h, w]) -> image [B, 1, S, S]`.
 
-So `gpu_pipeline.GraphPipeline` has one code path whatever runs the networks. Every call must be
-capturable in a CUDA graph after one warm-up call: no host synchronisation, no host-to-device copies.
+So `pipeline.Pipeline` has one code path whatever runs the networks; a new backend is one new
+runner class and one branch of `make_runner`. The factory owns precision and memory layout. On
+CUDA every call must be capturable in a CUDA graph after one warm-up call: no host
+synchronisation, no host-to-device copies.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from .. import kernels
 from ..config import ModelConfig
 from ..models import VQGAN, UNet
-from ..pipeline import PRECISIONS, _on
-from .graphs import BatchProfile, graph_module
+from ..models.latent import LatentDecoder, LatentDenoiser, LatentEncoder
+from ..precision import dtype_of, on_device
+from .graphs import BatchProfile
 
 logger = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-"""torch.compile modes that leave CUDA graphs to us: 'reduce-overhead' and 'max-autotune' capture
-their own graphs, which cannot nest inside the pipeline's capture."""
+"""torch.compile modes that leave CUDA graphs to the pipeline: 'reduce-overhead' and
+'max-autotune' capture their own graphs, which cannot nest inside the pipeline's capture."""
+
+NETWORKS = ("encoder", "unet", "decoder")
 
 
 class Runner(Protocol):
-    """What `GraphPipeline` calls (see the module docstring)."""
+    """What `pipeline.Pipeline` calls (see the module docstring)."""
 
     name: str
     precision: str
+    codes: torch.Tensor | None
+    """The float32 codebook [K, 4] on the device, for quantising sampled latents."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
 
@@ -46,58 +56,81 @@ class Runner(Protocol):
     def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
 
 
-class TorchRunner:
-    """The three graphs as PyTorch modules in `precision` (VQGAN and U-Net alike), eager or compiled.
+class _Compiled:
+    """torch.compile of a module, with inductor's `freezing` as asked. Set around each call rather
+    than globally, because dynamo reads it while tracing (torch.compile's `options` come too late
+    for that) and because it must differ between modules."""
 
-    `compile=True` wraps each in `torch.compile(mode=compile_mode, dynamic=False)`: one compilation
-    per batch size, done by the first call (the pipeline's warm-up, before capture). On CUDA with
-    reduced precision the weights are channels-last, the layout cuDNN's fastest fp16/bf16
-    convolutions want.
+    def __init__(self, module: nn.Module, mode: str, freezing: bool):
+        from torch._inductor import config as inductor_config
+
+        self.compiled = torch.compile(module, mode=mode, dynamic=False)
+        self.patch = functools.partial(inductor_config.patch, freezing=freezing)
+
+    def __call__(self, *args):
+        with self.patch():
+            return self.compiled(*args)
+
+
+class TorchRunner:
+    """The networks as PyTorch modules in `precision`, eager or compiled, on the CPU or CUDA.
+
+    In reduced precision the VQGAN's encoder and decoder run in it too (at 1024² each costs more
+    than five U-Net steps) and every weight is channels-last, the layout of oneDNN's and cuDNN's
+    fast bf16/fp16 convolutions. The codebook stays float32: the nearest-code search
+    (`kernels.vq_quantize` on `step_backend`) decides near-ties as fp32 does, up to the encoder's
+    rounding.
+
+    `compile=True` wraps each network in `torch.compile(mode=compile_mode, dynamic=False)`: one
+    compilation per batch size, done by the first call. `freeze` names the networks whose weights
+    inductor may freeze (prepacked for oneDNN on the CPU).
     """
 
     def __init__(self, config: ModelConfig, vqgan: VQGAN, unet: UNet,
-                 device: torch.device | str = "cuda", precision: str = "bf16",
-                 compile: bool = False, compile_mode: str = "default",
-                 channels_last: bool | None = None):
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+                 device: torch.device | str = "cpu", precision: str = "fp32",
+                 step_backend: str = "auto", compile: bool = False, compile_mode: str = "default",
+                 freeze: Collection[str] = ()):
+        dtype = dtype_of(precision)
         if compile and compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {compile_mode!r} "
                              "(the pipeline captures its own CUDA graph)")
+        unknown = set(freeze) - set(NETWORKS)
+        if unknown:
+            raise ValueError(f"freeze names unknown networks {sorted(unknown)}; choose from {NETWORKS}")
         self.device = torch.device(device)
         self.precision = precision
-        self.compiled = compile
         self.name = "torch-compile" if compile else "torch"
-        dtype = PRECISIONS[precision]
-        if channels_last is None:
-            channels_last = self.device.type == "cuda" and dtype != torch.float32
-        converted = _on(vqgan, self.device, dtype), _on(unet, self.device, dtype)
-        if channels_last:
-            # The layout change is in place: never on the caller's own modules.
-            converted = tuple(copy.deepcopy(m) if m is original else m
-                              for m, original in zip(converted, (vqgan, unet)))
-        vqgan, unet = converted
-        self.modules = {name: graph_module(name, config, vqgan, unet)
-                        for name in ("encoder", "unet", "decoder")}
-        if channels_last:
-            for module in self.modules.values():
-                module.to(memory_format=torch.channels_last)
-        self._encode = self._wrap(self.modules["encoder"], compile, compile_mode)
-        self._denoise = self._wrap(self.modules["unet"], compile, compile_mode)
-        self._decode = self._wrap(self.modules["decoder"], compile, compile_mode)
-
-    @staticmethod
-    def _wrap(module: nn.Module, compile: bool, mode: str):
-        return torch.compile(module, mode=mode, dynamic=False) if compile else module
+        self.step_backend = kernels.resolve(step_backend, self.device)
+        channels_last = dtype != torch.float32
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        networks = {"encoder": vqgan.encoder, "unet": unet, "decoder": vqgan.decoder}
+        converted = {}
+        for name, original in networks.items():
+            module = on_device(original, self.device, dtype)
+            if channels_last:
+                # The layout change is in place: never on the caller's own modules.
+                module = (copy.deepcopy(module) if module is original else module).to(
+                    memory_format=torch.channels_last)
+            converted[name] = module
+        self.codes = vqgan.quantizer.embedding.weight.detach().to(self.device, torch.float32).contiguous()
+        self.modules = {
+            "encoder": LatentEncoder(converted["encoder"], layout).eval(),
+            "unet": LatentDenoiser(converted["unet"], config, layout).eval(),
+            "decoder": LatentDecoder(converted["decoder"], layout).eval(),
+        }
+        self._calls: dict[str, Callable] = {
+            name: (_Compiled(module, compile_mode, name in freeze) if compile else module)
+            for name, module in self.modules.items()}
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self._encode(images)
+        z = self._calls["encoder"](images)
+        return kernels.vq_quantize(z, self.codes, backend=self.step_backend)[0]
 
     def denoise(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self._denoise(u, t)
+        return self._calls["unet"](u, t)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._decode(latents)
+        return self._calls["decoder"](latents)
 
 
 class TensorRTRunner:
@@ -108,13 +141,16 @@ class TensorRTRunner:
     """
 
     def __init__(self, model_dir: str | Path, precision: str = "fp16",
-                 device: torch.device | str = "cuda", profile: BatchProfile = BatchProfile()):
+                 device: torch.device | str = "cuda", profile: BatchProfile = BatchProfile(),
+                 codes: torch.Tensor | None = None):
         from .tensorrt import load_engines
 
         self.name = "tensorrt"
         self.precision = precision
         self.device = torch.device(device)
         self.engines = load_engines(model_dir, precision, profile, self.device)
+        self.codes = None if codes is None else codes.detach().to(self.device, torch.float32).contiguous()
+        """The codebook, for quantising sampled latents (`diffusion.quantize_sample`)."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.engines.vqgan.encode_latent(images)
@@ -124,3 +160,79 @@ class TensorRTRunner:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.engines.vqgan.decode(latents)
+
+
+def make_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.device | str = "cpu",
+                precision: str = "fp32", backend: str = "torch", *, step_backend: str = "auto",
+                model_dir: str | Path | None = None, compile_mode: str = "default",
+                freeze: Collection[str] = ()) -> Runner:
+    """The runner of `backend` ('torch', 'torch-compile' or 'tensorrt'; not 'auto', see
+    `choose_backend`): the one place that decides how the networks run."""
+    if backend in ("torch", "torch-compile"):
+        return TorchRunner(config, vqgan, unet, device, precision, step_backend,
+                           compile=backend == "torch-compile", compile_mode=compile_mode, freeze=freeze)
+    if backend == "tensorrt":
+        if model_dir is None:
+            raise ValueError("TensorRT engines belong to a model directory: pass model_dir")
+        return TensorRTRunner(model_dir, precision, device, codes=vqgan.quantizer.embedding.weight)
+    raise ValueError(f"unknown runner backend {backend!r}; choose one of {BACKENDS[1:]}")
+
+
+# Choosing what runs the networks --------------------------------------------------------------
+
+BACKENDS = ("auto", "tensorrt", "torch-compile", "torch")
+"""'tensorrt': cached engines in the graph pipeline; 'torch-compile': torch.compile'd networks in the
+graph pipeline (CUDA); 'torch': eager networks, in the graph pipeline on CUDA and in
+`pipeline.Pipeline` on the CPU; 'auto': TensorRT when it and the engines are there, else
+torch-compile on CUDA, else the CPU path."""
+
+
+def tensorrt_unavailable(model_dir: str | Path | None, precision: str, device: torch.device,
+                         target=None) -> str | None:
+    """Why cached TensorRT engines cannot run here (naming the command that builds missing or stale
+    ones), or None when they can. `target` replaces the GPU query (tests)."""
+    from ..modeldir import CONFIG_FILE
+    from .cache import ENGINE_PRECISIONS, EngineError
+    from .graphs import BatchProfile
+    from .tensorrt import Target, engine_paths
+
+    if model_dir is None:
+        return "TensorRT engines belong to a model directory, and this model has none"
+    if device.type != "cuda":
+        return f"TensorRT runs on an NVIDIA GPU, not on {device}"
+    if precision not in ENGINE_PRECISIONS:
+        return (f"there are no {precision} TensorRT engines (engines are "
+                f"{'/'.join(ENGINE_PRECISIONS)}): pass precision 'fp16' or 'bf16'")
+    try:
+        target = Target.current(device) if target is None else target
+        config = ModelConfig.load(Path(model_dir) / CONFIG_FILE)
+        engine_paths(model_dir, config, precision, BatchProfile(), target)
+    except EngineError as error:
+        return str(error)
+    return None
+
+
+def choose_backend(backend: str, device: torch.device,
+                   tensorrt_reason: Callable[[], str | None]) -> str:
+    """The backend that `backend` means on `device`; `tensorrt_reason()` says why TensorRT cannot run
+    (None: it can). An explicit choice that cannot run raises, with the reason."""
+    from .cache import EngineError
+
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        reason = tensorrt_reason()
+        if reason is None:
+            return "tensorrt"
+        logger.info("not using TensorRT: %s", reason)
+        return "torch-compile"
+    if backend == "tensorrt":
+        reason = tensorrt_reason()
+        if reason is not None:
+            raise EngineError(f"backend 'tensorrt' cannot run: {reason}")
+    if backend == "torch-compile" and device.type != "cuda":
+        raise ValueError("backend 'torch-compile' compiles the networks into the CUDA-graph "
+                         f"pipeline and needs a CUDA device, not {device}; use backend 'torch'")
+    return backend

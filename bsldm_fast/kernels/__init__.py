@@ -16,14 +16,13 @@ tensor (one per sample, on the tensors' device) and the step index.
 
 from __future__ import annotations
 
-import math
 import os
-from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from .. import _ext
+from ..diffusion.plan import DDIMStep, DDPMStep, DPMStep, clip_bound
 from . import reference
 
 BACKENDS = ("auto", "reference", "cpp", "cuda", "triton")
@@ -41,46 +40,6 @@ if _has_ops():
     # writes into its `out` arguments and returns nothing.
     for _name in _OPS:
         torch.library.register_fake(f"bsldm_fast::{_name}")(lambda *args, **kwargs: None)
-
-
-@dataclass(frozen=True)
-class DDPMStep:
-    """Coefficients of one DDPM step: out = x0_coeff clip(x0) + x_coeff x + noise_std (z + offset z_c)."""
-
-    sqrt_ab: float
-    sqrt_1mab: float
-    clip: float
-    """|x0| bound; math.inf for no clipping."""
-    x0_coeff: float
-    x_coeff: float
-    noise_std: float
-    """0 on the last step (no noise drawn)."""
-
-
-@dataclass(frozen=True)
-class DDIMStep:
-    """One DDIM step: out = x0_coeff clip(x0) + eps_coeff eps' + noise_std (z + offset z_c)."""
-
-    sqrt_ab: float
-    sqrt_1mab: float
-    clip: float
-    x0_coeff: float
-    eps_coeff: float
-    noise_std: float
-
-
-@dataclass(frozen=True)
-class DPMStep:
-    """One DPM-Solver++(2M) step: out = x0 if last else x_coeff x - d_coeff d, d = w_cur x0 - w_prev prev_x0."""
-
-    sqrt_ab: float
-    sqrt_1mab: float
-    clip: float
-    x_coeff: float
-    d_coeff: float
-    w_cur: float
-    w_prev: float
-    last: bool
 
 
 def _interpreting() -> bool:
@@ -222,11 +181,6 @@ def vq_quantize(z: torch.Tensor, codes: torch.Tensor, out: torch.Tensor | None =
         indices = torch.empty((z.shape[0], *z.shape[2:]), dtype=torch.int64, device=z.device)
     _impl(backend, z.device).vq_quantize(_samplewise(z.float()), codes, out, indices)
     return out, indices
-
-
-def clip_bound(clip_range: float | None) -> float:
-    """The kernels' clip argument: math.inf when clipping is off."""
-    return math.inf if clip_range is None else float(clip_range)
 
 
 __all__ = [

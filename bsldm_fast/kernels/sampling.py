@@ -1,115 +1,83 @@
-"""The sampling loop on fused kernels: U = [x | c] allocated once, every step written into it in place.
+"""The sampling loop: one `run(plan, denoise, buffers, offset, backend)` for the CPU and the GPU.
 
-Per step the host only calls the denoiser and one kernel: coefficients are computed once per run
-(in float64, as the references in diffusion/samplers.py do), timesteps are moved to the device once,
-and the noise is drawn in-kernel from the Philox stream. The reference is `diffusion.samplers.sample`
-with the noise of `diffusion.noise`; `tests/kernels/test_sampling.py` holds them together.
+U = [x | c] is allocated once (`Buffers`), the condition written into it once, and every step
+writes x back into U in place. Per step the host only calls the denoiser and one kernel: the
+coefficients come from the plan (diffusion/plan.py, computed once per run), the timesteps were
+moved to the device when the buffers were made, and the noise is drawn in-kernel from the Philox
+stream. So the loop can be captured in a CUDA graph as is (pipeline.py does), and on the CPU it
+runs the same way with no capture.
+
+With `backend="reference"` the kernels are diffusion/samplers.py's updates, so this loop on the
+reference equals `samplers.sample` fed the Philox noise, bit for bit (tests/kernels/test_sampling.py).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from ..diffusion.samplers import SAMPLERS, Denoiser, _check_timesteps, ddpm_coefficients_float32
-from ..diffusion.schedule import Schedule
-from . import DDIMStep, DDPMStep, DPMStep, clip_bound, ddim_step, ddpm_step, dpmpp_2m_step, initial_latent
+from ..diffusion.plan import DDIMStep, DDPMStep, DPMStep, Plan
+from . import ddim_step, ddpm_step, dpmpp_2m_step, initial_latent
+
+Denoise = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _alpha_bars(schedule: Schedule, timesteps: Sequence[int], i: int) -> tuple[float, float]:
-    nxt = schedule.alpha_bar(timesteps[i + 1]) if i + 1 < len(timesteps) else 1.0
-    return schedule.alpha_bar(timesteps[i]), nxt
+@dataclass
+class Buffers:
+    """The device tensors of one sampling run of a batch, allocated once and reused."""
+
+    u: torch.Tensor
+    """[B, 2C, h, w] float32: x_t in channels :C, the condition c in C:."""
+    seeds: torch.Tensor
+    """[B] int64, one noise seed per sample."""
+    timesteps: torch.Tensor
+    """[steps, B] int64, one contiguous row per step (TensorRT wants contiguous inputs)."""
+    x0: torch.Tensor | None
+    """[B, C, h, w]: the previous x0 of multistep samplers (DPM-Solver++), else None."""
+
+    @classmethod
+    def allocate(cls, plan: Plan, batch: int, latent_shape: tuple[int, int, int],
+                 device: torch.device | str) -> "Buffers":
+        """Zeroed buffers for `batch` latents of shape [C, h, w] sampled by `plan`."""
+        c, h, w = latent_shape
+        timesteps = torch.tensor(plan.timesteps, dtype=torch.int64, device=device).view(-1, 1).repeat(1, batch)
+        x0 = (torch.zeros((batch, c, h, w), device=device)
+              if any(isinstance(p, DPMStep) for p in plan.entries) else None)
+        return cls(torch.zeros((batch, 2 * c, h, w), device=device),
+                   torch.zeros(batch, dtype=torch.int64, device=device), timesteps, x0)
+
+    @property
+    def channels(self) -> int:
+        return self.u.shape[1] // 2
+
+    @property
+    def x(self) -> torch.Tensor:
+        """The latent being sampled: a view of U's first C channels."""
+        return self.u[:, : self.channels]
 
 
-def ddpm_plan(schedule: Schedule, timesteps: Sequence[int]) -> list[DDPMStep]:
-    """The coefficients of every step of `samplers.sample_ddpm`."""
-    plan = []
-    for i, t in enumerate(timesteps):
-        ab, ab_prev = _alpha_bars(schedule, timesteps, i)
-        c = ddpm_coefficients_float32(ab, ab_prev)
-        last = i == len(timesteps) - 1
-        plan.append(DDPMStep(math.sqrt(ab), math.sqrt(1.0 - ab), clip_bound(schedule.clip_range(t)),
-                             c.x0_coeff, c.x_coeff, 0.0 if last else c.noise_std))
-    return plan
+def run(plan: Plan, denoise: Denoise, buffers: Buffers, offset: float = 0.0, backend: str = "auto",
+        progress: Callable[[int], None] | None = None, step_offset: float = 0.0) -> torch.Tensor:
+    """Sample x_0 from x_T into `buffers` (the condition must already be in U[:, C:]); returns the
+    view `buffers.x`.
 
-
-def ddim_plan(schedule: Schedule, timesteps: Sequence[int], eta: float = 0.0) -> list[DDIMStep]:
-    """The coefficients of every step of `samplers.sample_ddim`."""
-    plan = []
-    for i, t in enumerate(timesteps):
-        ab, ab_prev = _alpha_bars(schedule, timesteps, i)
-        sigma = eta * math.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
-        last = i == len(timesteps) - 1
-        plan.append(DDIMStep(math.sqrt(ab), math.sqrt(1.0 - ab), clip_bound(schedule.clip_range(t)),
-                             math.sqrt(ab_prev), math.sqrt(max(1.0 - ab_prev - sigma**2, 0.0)),
-                             0.0 if last else sigma))
-    return plan
-
-
-def _log_snr(alpha_bar: float) -> float:
-    return 0.5 * math.log(alpha_bar / (1.0 - alpha_bar))
-
-
-def dpmpp_plan(schedule: Schedule, timesteps: Sequence[int]) -> list[DPMStep]:
-    """The coefficients of every step of `samplers.sample_dpmpp_2m` (2nd order from the second step)."""
-    plan = []
-    h_prev: float | None = None
-    for i, t in enumerate(timesteps):
-        ab, ab_next = _alpha_bars(schedule, timesteps, i)
-        clip = clip_bound(schedule.clip_range(t))
-        if ab_next >= 1.0:
-            plan.append(DPMStep(math.sqrt(ab), math.sqrt(1.0 - ab), clip, 0.0, 0.0, 1.0, 0.0, True))
-            continue
-        h = _log_snr(ab_next) - _log_snr(ab)
-        if h_prev is None:
-            w_cur, w_prev = 1.0, 0.0
-        else:
-            r = h_prev / h
-            w_cur, w_prev = 1.0 + 1.0 / (2.0 * r), 1.0 / (2.0 * r)
-        x_coeff = math.sqrt(1.0 - ab_next) / math.sqrt(1.0 - ab)
-        d_coeff = math.sqrt(ab_next) * math.expm1(-h)
-        plan.append(DPMStep(math.sqrt(ab), math.sqrt(1.0 - ab), clip, x_coeff, d_coeff, w_cur, w_prev, False))
-        h_prev = h
-    return plan
-
-
-def sample_fused(name: str, denoiser: Denoiser, cond: torch.Tensor, seeds: torch.Tensor,
-                 schedule: Schedule, timesteps: Sequence[int], offset_coefficient: float = 0.0,
-                 backend: str = "auto", progress: Callable[[int], None] | None = None,
-                 eta: float = 0.0, step_offset: float = 0.0) -> torch.Tensor:
-    """Sample with sampler `name` ('ddpm', 'ddim', 'dpmpp') on fused kernels; returns x_0 [B, C, h, w].
-
-    Equals `samplers.sample(name, denoiser, noise.initial_latent(seeds, ...), cond, ...)` fed
-    `noise.StepNoise(seeds, ..., step_offset)` to float32 rounding. `seeds` is the int64 tensor of
-    `noise.seed_tensor`; `eta` applies to DDIM; `step_offset` adds the offset term to step noise.
+    x_T = z + offset z_c is drawn from `buffers.seeds`; `step_offset` adds the offset term to the
+    noise of ancestral steps. `backend` picks the kernels (bsldm_fast.kernels).
     """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
-    _check_timesteps(timesteps, schedule)
-    batch, channels = cond.shape[:2]
-    seeds = seeds.to(cond.device)
-    u = torch.empty((batch, 2 * channels, *cond.shape[2:]), dtype=torch.float32, device=cond.device)
-    u[:, channels:] = cond  # the condition is written once
-    x = u[:, :channels]
-    initial_latent(seeds, offset_coefficient, x, backend)
-    ts = torch.tensor(list(timesteps), dtype=torch.int64, device=cond.device).view(-1, 1).expand(-1, batch)
-    if name == "ddpm":
-        plan = ddpm_plan(schedule, timesteps)
-    elif name == "ddim":
-        plan = ddim_plan(schedule, timesteps, eta)
-    else:
-        plan = dpmpp_plan(schedule, timesteps)
-        x0 = torch.empty_like(x)
-    for i, p in enumerate(plan):
-        eps = denoiser(u, ts[i])
-        if name == "ddpm":
+    if buffers.timesteps.shape[0] != len(plan):
+        raise ValueError(f"buffers for {buffers.timesteps.shape[0]} steps, a plan of {len(plan)}")
+    u, seeds, x = buffers.u, buffers.seeds, buffers.x
+    initial_latent(seeds, offset, x, backend)
+    for i, p in enumerate(plan.entries):
+        eps = denoise(u, buffers.timesteps[i])
+        if isinstance(p, DDPMStep):
             ddpm_step(x, eps, seeds, i, p, x, step_offset, backend)
-        elif name == "ddim":
+        elif isinstance(p, DDIMStep):
             ddim_step(x, eps, seeds, i, p, x, step_offset, backend)
         else:
-            dpmpp_2m_step(x, eps, x0 if i else None, p, x, x0, backend)
+            dpmpp_2m_step(x, eps, buffers.x0 if i else None, p, x, buffers.x0, backend)
         if progress is not None:
             progress(i)
-    return x.clone()
+    return x

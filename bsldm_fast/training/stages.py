@@ -26,6 +26,7 @@ from .. import modeldir
 from .._files import atomic_write
 from ..config import ModelConfig, preset
 from ..diffusion import Schedule
+from ..diffusion.conditioning import condition_scale, scale_condition
 from ..models import VQGAN, UNet
 from ..pipeline import Pipeline
 from . import checkpoint
@@ -242,6 +243,8 @@ class LDMStage(Stage):
         alpha_bar = Schedule.from_config(d).alphas_cumprod.float()
         self.sqrt_ab = (alpha_bar**0.5).to(ctx.device)
         self.sqrt_1m_ab = ((1 - alpha_bar) ** 0.5).to(ctx.device)
+        scale = condition_scale(d)
+        self.cond_scale = None if scale is None else scale.to(ctx.device)
 
     def _draws(self, indices: torch.Tensor, shape: tuple[int, ...], *key: int):
         """Per-sample timestep and offset noise, keyed by the sample (not the rank or batch layout)."""
@@ -264,8 +267,9 @@ class LDMStage(Stage):
         t, eps = self._draws(indices, tuple(x0.shape[1:]), *key)
         a = self.sqrt_ab[t].view(-1, 1, 1, 1)
         x_t = a * x0 + self.sqrt_1m_ab[t].view(-1, 1, 1, 1) * eps
-        # 'original': the original noised cat(soft, cxr) with zero noise on the CXR half.
-        cond = c * a if self.model_config.diffusion.condition_scaling == "original" else c
+        # 'original': the original noised cat(soft, cxr) with zero noise on the CXR half; the
+        # scale is the sampler's (diffusion.conditioning), so the U-Net trains on what it will see.
+        cond = scale_condition(c, t, self.cond_scale)
         with self.autocast():
             pred = model(torch.cat([x_t, cond], dim=1).contiguous(memory_format=self.memory_format), t)
         return F.mse_loss(pred[:, : self.channels].float(), eps)
@@ -301,7 +305,7 @@ class LDMStage(Stage):
         """Soft-tissue images sampled with the EMA weights; BSR/MSE/PSNR/SSIM against the targets."""
         from .. import metrics
 
-        pipe = Pipeline(self.model_config, self.vqgan, unet or self.ema_unet(), self.ctx.device)
+        pipe = Pipeline.create(self.model_config, self.vqgan, unet or self.ema_unet(), self.ctx.device)
         seeds = [self.config.seed] * cxr.shape[0]
         pred = pipe.run(cxr.to(self.ctx.device), seeds, self.config.val_sampler,
                         self.config.val_steps).float().cpu()

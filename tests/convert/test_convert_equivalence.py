@@ -18,7 +18,7 @@ import torch
 
 from bsldm_fast.config import DiffusionConfig
 from bsldm_fast.convert import load_checkpoints
-from bsldm_fast.diffusion import Schedule, sample_ddpm
+from bsldm_fast.diffusion import Schedule, plan_timesteps, sample
 
 from .conftest import UNET_VARIANT_KW, make_unet, make_vqvae, rel_error
 
@@ -156,7 +156,7 @@ def ddpm_case(gen):
 
 
 def test_ddpm_steps_match_diffusers(ddpm_case, monkeypatch, record_property):
-    """Every one of the 1000 steps of `sample_ddpm`, from the original loop's state, against the
+    """Every one of the 1000 steps of the DDPM plan (`samplers.sample`), from the original loop's state, against the
     original loop's next state: the sampler's arithmetic per step (clip range, coefficients, noise)."""
     d, schedule, estimator, x_T, cond, noises = ddpm_case
     theirs = _original_loop(estimator, x_T, cond, noises, d, monkeypatch)
@@ -174,7 +174,8 @@ def test_ddpm_steps_match_diffusers(ddpm_case, monkeypatch, record_property):
         # One step of the full-length chain from t: run [t, t-1] and read the state the second
         # evaluation receives; the step to t = 0 is the chain's last (no noise) and is returned.
         timesteps = [t, t - 1] if t > 0 else [t]
-        out = sample_ddpm(denoiser, state, cond, schedule, timesteps, lambda i, j=j: noises[j][:, :4])
+        out = sample(plan_timesteps("ddpm", schedule, timesteps), denoiser, state, cond,
+                     lambda i, j=j: noises[j][:, :4])
         ours = seen[1] if t > 0 else out
         errors.append(rel_error(ours, theirs[j]))
     worst = max(errors)
@@ -197,8 +198,8 @@ def test_ddpm_trajectory_matches_diffusers(ddpm_case, monkeypatch, record_proper
         return estimator(u, t)[:, :4]
 
     steps = d.num_train_timesteps
-    final = sample_ddpm(denoiser, x_T, cond, schedule, list(range(steps - 1, -1, -1)),
-                        lambda i: noises[i][:, :4])
+    final = sample(plan_timesteps("ddpm", schedule, range(steps - 1, -1, -1)), denoiser, x_T, cond,
+                   lambda i: noises[i][:, :4])
     ours = ours[1:] + [final]  # the state after step i is what evaluation i + 1 receives
     errors = [rel_error(a, b) for a, b in zip(ours, theirs)]
     worst = max(errors)

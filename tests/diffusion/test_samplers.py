@@ -8,19 +8,36 @@ import torch
 
 from bsldm_fast.config import PAPER, DiffusionConfig
 from bsldm_fast.diffusion.noise import StepNoise
-from bsldm_fast.diffusion.samplers import (
-    ddim_step,
+from bsldm_fast.diffusion.plan import (
+    ddim_entry,
     ddpm_coefficients,
     ddpm_coefficients_float32,
-    ddpm_step,
-    sample_ddim,
-    sample_ddpm,
-    sample_dpmpp_2m,
+    ddpm_entry,
+    plan_timesteps,
 )
+from bsldm_fast.diffusion.samplers import ddim_update, ddpm_update, sample
 from bsldm_fast.diffusion.schedule import Schedule, spaced_timesteps
 
 SCHEDULE = Schedule.from_config(PAPER.diffusion)
 UNCLIPPED = Schedule.from_config(DiffusionConfig(clip_sample=False))
+
+
+def ddpm_step(x, eps, t, clip, z, coefficients=ddpm_coefficients):
+    """One DDPM update from timestep t, through its plan entry."""
+    p = ddpm_entry(SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t - 1), clip, z is None, coefficients)
+    return ddpm_update(x, eps, p, z)
+
+
+def sample_ddpm(denoiser, x, cond, schedule, ts, noise):
+    return sample(plan_timesteps("ddpm", schedule, ts), denoiser, x, cond, noise)
+
+
+def sample_ddim(denoiser, x, cond, schedule, ts, eta=0.0, noise=None):
+    return sample(plan_timesteps("ddim", schedule, ts, eta), denoiser, x, cond, noise)
+
+
+def sample_dpmpp_2m(denoiser, x, cond, schedule, ts):
+    return sample(plan_timesteps("dpmpp", schedule, ts), denoiser, x, cond)
 
 
 def _ddpm_step_by_hand(x, eps, t, clip, z):
@@ -42,14 +59,12 @@ def test_ddpm_step_against_float64_formula(j, gen):
     z = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
     clip = 1.4 + 0.003 * max(j - 1, 0)
     assert SCHEDULE.clip_range(t) == pytest.approx(clip, abs=1e-12)
-    prev = SCHEDULE.alpha_bar(t - 1)
     expected = _ddpm_step_by_hand(x.numpy(), eps.numpy(), t, clip, z.numpy())
-    exact = ddpm_step(x, eps, ddpm_coefficients(SCHEDULE.alpha_bar(t), prev), clip, z if t > 0 else None)
+    exact = ddpm_step(x, eps, t, clip, z if t > 0 else None)
     np.testing.assert_allclose(exact.numpy(), expected, rtol=1e-10, atol=1e-12)
     # The original's float32 coefficients: the same step up to float32 cancellation in
     # beta_t = 1 - alpha_bar_t / alpha_bar_prev, bounded by a few ulp(1) / (1 - alpha_bar_t).
-    faithful = ddpm_step(x, eps, ddpm_coefficients_float32(SCHEDULE.alpha_bar(t), prev), clip,
-                         z if t > 0 else None)
+    faithful = ddpm_step(x, eps, t, clip, z if t > 0 else None, ddpm_coefficients_float32)
     bound = 4 * np.finfo(np.float32).eps / (1 - SCHEDULE.alpha_bar(t)) * np.abs(expected).max() + 1e-6
     assert np.abs(faithful.numpy() - expected).max() <= bound
 
@@ -59,8 +74,8 @@ def test_ddpm_clips_only_when_needed(gen):
     x = torch.full((1, 4, 2, 2), 50.0, dtype=torch.float64)
     eps = torch.zeros_like(x)
     c = ddpm_coefficients(SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t - 1))
-    clipped = ddpm_step(x, eps, c, 1.4, None)
-    unclipped = ddpm_step(x, eps, c, None, None)
+    clipped = ddpm_step(x, eps, t, 1.4, None)
+    unclipped = ddpm_step(x, eps, t, None, None)
     assert torch.allclose(clipped, c.x0_coeff * 1.4 + c.x_coeff * x)
     assert (unclipped > clipped).all()
 
@@ -72,8 +87,8 @@ def test_ddim_eta_one_is_the_ddpm_posterior(t, gen):
     z = torch.randn(3, 4, 4, 4, generator=gen, dtype=torch.float64)
     a, a_prev = SCHEDULE.alpha_bar(t), SCHEDULE.alpha_bar(t - 1)
     for clip in (None, 1.0):
-        ddpm = ddpm_step(x, eps, ddpm_coefficients(a, a_prev), clip, z)
-        ddim = ddim_step(x, eps, a, a_prev, clip, eta=1.0, noise=z)
+        ddpm = ddpm_step(x, eps, t, clip, z)
+        ddim = ddim_update(x, eps, ddim_entry(a, a_prev, clip, 1.0, False), z)
         torch.testing.assert_close(ddim, ddpm, rtol=1e-9, atol=1e-9)
 
 
@@ -170,9 +185,9 @@ def test_full_ddpm_applies_the_widening_clip_each_step():
 
     original = samplers.predict_x0
 
-    def spy(x, eps, alpha_bar, clip_range):
-        seen_bounds.append(clip_range)
-        return original(x, eps, alpha_bar, clip_range)
+    def spy(x, eps, sqrt_ab, sqrt_1mab, clip):
+        seen_bounds.append(clip)
+        return original(x, eps, sqrt_ab, sqrt_1mab, clip)
 
     samplers.predict_x0 = spy
     try:

@@ -4,15 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from bsldm_fast import kernels
-from bsldm_fast.engines.gpu_pipeline import GraphPipeline
 from bsldm_fast.engines.runners import TorchRunner
-from bsldm_fast.pipeline import Pipeline
+from bsldm_fast.pipeline import CudaGraphs, Pipeline
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "assets" / "szch_samples" / "cxr"
@@ -64,9 +64,9 @@ def cpu_runner(tiny_model):
 def test_replays_match_the_uncaptured_loop_and_the_reference(tiny_model, cpu_runner, gen):
     config = tiny_model.config
     fake = FakeGraphs()
-    captured = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
-    eager = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=None)
-    reference = Pipeline(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
+    captured = Pipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
+    eager = Pipeline(config, cpu_runner, "cpu", "auto", graphs=None)
+    reference = Pipeline.create(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
     images = _images(gen, 2, config.image_size)
     seeds = [int(s) for s in torch.randint(0, 2**31, (2,), generator=gen)]
     for sampler, steps in (("dpmpp", 4), ("ddpm", 5), ("ddim", 3)):
@@ -80,8 +80,8 @@ def test_replays_match_the_uncaptured_loop_and_the_reference(tiny_model, cpu_run
 def test_buffers_are_allocated_once_and_replays_reuse_them(tiny_model, cpu_runner, gen):
     config = tiny_model.config
     fake = FakeGraphs()
-    pipe = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
-    eager = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=None)
+    pipe = Pipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
+    eager = Pipeline(config, cpu_runner, "cpu", "auto", graphs=None)
     first = _images(gen, 2, config.image_size)
     pipe.run(first, [1, 2], "dpmpp", 3)
     program = next(iter(pipe.programs.values()))
@@ -104,7 +104,7 @@ def test_buffers_are_allocated_once_and_replays_reuse_them(tiny_model, cpu_runne
 def test_each_batch_steps_sampler_key_captures_its_own_graph(tiny_model, cpu_runner, gen):
     config = tiny_model.config
     fake = FakeGraphs()
-    pipe = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
+    pipe = Pipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
     runs = [(1, "dpmpp", 3), (2, "dpmpp", 3), (1, "dpmpp", 4), (1, "ddim", 3), (1, "dpmpp", 3),
             (2, "dpmpp", 3)]
     for batch, sampler, steps in runs:
@@ -119,16 +119,16 @@ def test_each_batch_steps_sampler_key_captures_its_own_graph(tiny_model, cpu_run
 def test_each_sample_is_independent_of_its_batch(tiny_model, cpu_runner, gen):
     config = tiny_model.config
     images = _images(gen, 2, config.image_size)
-    both = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs()).run(images, [7, 7], "ddpm", 4)
-    alone = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs()).run(images[1:], [7], "ddpm", 4)
+    both = Pipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs()).run(images, [7, 7], "ddpm", 4)
+    alone = Pipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs()).run(images[1:], [7], "ddpm", 4)
     torch.testing.assert_close(both[1:], alone, rtol=1e-5, atol=1e-5)
 
 
 def test_a_smaller_batch_is_padded_into_a_captured_one(tiny_model, cpu_runner, gen):
     config = tiny_model.config
     fake = FakeGraphs()
-    pipe = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
-    eager = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=None)
+    pipe = Pipeline(config, cpu_runner, "cpu", "auto", graphs=fake)
+    eager = Pipeline(config, cpu_runner, "cpu", "auto", graphs=None)
     pipe.run(_images(gen, 3, config.image_size), [1, 2, 3], "ddim", 3)
     images = _images(gen, 2, config.image_size)
     out = pipe.run(images, [4, 5], "ddim", 3)
@@ -140,7 +140,7 @@ def test_a_smaller_batch_is_padded_into_a_captured_one(tiny_model, cpu_runner, g
 
 def test_bad_inputs_are_refused(tiny_model, cpu_runner):
     config = tiny_model.config
-    pipe = GraphPipeline(config, cpu_runner, "cpu", graphs=None)
+    pipe = Pipeline(config, cpu_runner, "cpu", graphs=None)
     with pytest.raises(ValueError, match="expected images"):
         pipe.run(torch.zeros(1, 1, 8, 8), [0])
     with pytest.raises(ValueError, match="seeds"):
@@ -148,16 +148,23 @@ def test_bad_inputs_are_refused(tiny_model, cpu_runner):
     with pytest.raises(ValueError, match="sampler"):
         pipe.run(torch.zeros(1, 1, config.image_size, config.image_size), [0], "euler")
     with pytest.raises(ValueError, match="CUDA"):
-        GraphPipeline(config, cpu_runner, "cpu")  # real graphs on the CPU
+        CudaGraphs("cpu")  # real graphs on the CPU
 
 
 def test_runner_leaves_the_callers_model_unchanged(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.unet.state_dict().items()}
-    runner = TorchRunner(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32",
-                         channels_last=True)
+    runner = TorchRunner(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "bf16")
     assert runner.modules["unet"].unet is not tiny_model.unet
     for key, value in tiny_model.unet.state_dict().items():
         assert value.is_contiguous() and torch.equal(value, before[key])
+    # A caller's model already in bf16 needs no conversion, but channels-last is still not
+    # applied to it in place.
+    import copy
+
+    mine = copy.deepcopy(tiny_model.unet).bfloat16()
+    runner = TorchRunner(tiny_model.config, tiny_model.vqgan, mine, "cpu", "bf16")
+    assert runner.modules["unet"].unet is not mine
+    assert all(p.is_contiguous() for p in mine.parameters())
     with pytest.raises(ValueError, match="compile_mode"):
         TorchRunner(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32",
                     compile=True, compile_mode="reduce-overhead")
@@ -203,7 +210,7 @@ def test_gpu_pipeline_matches_the_fp32_reference(gpu_model, precision):
     model, device = gpu_model, torch.device("cuda")
     images = sample_batch(model.config.image_size).to(device)
     seeds = [11, 12, 13][: images.shape[0]]
-    reference = Pipeline(model.config, model.vqgan, model.unet, device, "fp32", "reference")
+    reference = Pipeline.create(model.config, model.vqgan, model.unet, device, "fp32", "reference")
     # Exact float32 convolutions in the reference, TF32 off.
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -214,7 +221,7 @@ def test_gpu_pipeline_matches_the_fp32_reference(gpu_model, precision):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
     del reference
     runner = TorchRunner(model.config, model.vqgan, model.unet, device, precision)
-    pipe = GraphPipeline(model.config, runner, device, "auto")
+    pipe = Pipeline(model.config, runner, device, "auto", graphs=CudaGraphs(device))
     out = torch.cat([pipe.run(images[i : i + 1], seeds[i : i + 1]) for i in range(images.shape[0])])
     assert pipe.step_backend in ("triton", "cuda")
     assert all(p.graph is not None for p in pipe.programs.values())
@@ -222,7 +229,7 @@ def test_gpu_pipeline_matches_the_fp32_reference(gpu_model, precision):
         value = _psnr(expected[i], out[i])
         assert value >= 45.0, f"sample {i}: PSNR {value:.1f} dB < 45 dB ({precision})"
     # The replay equals the same loop run eagerly on the same buffers (up to cuDNN's choices).
-    eager = GraphPipeline(model.config, runner, device, pipe.step_backend, graphs=None)
+    eager = Pipeline(model.config, runner, device, pipe.step_backend, graphs=None)
     again = eager.run(images[:1], seeds[:1])
     assert _psnr(again[0], out[0]) >= 55.0
 
@@ -231,8 +238,8 @@ def test_gpu_pipeline_matches_the_fp32_reference(gpu_model, precision):
 def test_replays_follow_new_inputs_on_the_gpu(tiny_model, gen):
     config, device = tiny_model.config, torch.device("cuda")
     runner = TorchRunner(config, tiny_model.vqgan, tiny_model.unet, device, "fp32")
-    pipe = GraphPipeline(config, runner, device, "auto")
-    eager = GraphPipeline(config, runner, device, "auto", graphs=None)
+    pipe = Pipeline(config, runner, device, "auto", graphs=CudaGraphs(device))
+    eager = Pipeline(config, runner, device, "auto", graphs=None)
     for seeds in ([1, 2], [3, 4]):
         images = _images(gen, 2, config.image_size).to(device)
         out = pipe.run(images, seeds, "ddpm", 6)
@@ -251,13 +258,14 @@ def test_quantized_sample_matches_the_reference_and_the_plain_pipeline(tiny_mode
     codes = tiny_model.vqgan.quantizer.embedding.weight
     images = _images(gen, 2, config.image_size)
     seeds = [int(x) for x in torch.randint(0, 2**31 - 1, (2,), generator=gen)]
-    plain = Pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
+    plain = Pipeline.create(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
     latents = plain.sample_latents(plain.encode(images), seeds, "ddpm", 4)
     by_hand = plain.decode(kernels.vq_quantize(latents, codes, backend="reference")[0])
-    quantized = Pipeline(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
+    quantized = Pipeline.create(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32", "reference")
     torch.testing.assert_close(quantized.run(images, seeds, "ddpm", 4), by_hand, rtol=0, atol=1e-6)
-    graph = GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs(), codes=codes)
+    graph = Pipeline(config, cpu_runner, "cpu", "auto", graphs=FakeGraphs())
     torch.testing.assert_close(graph.run(images, seeds, "ddpm", 4), by_hand, rtol=1e-4, atol=1e-4)
     assert (by_hand - plain.decode(latents)).abs().max() > 1e-3  # quantising changed the image
+    without_codes = SimpleNamespace(name="stub", precision="fp32", codes=None)
     with pytest.raises(ValueError, match="codebook"):
-        GraphPipeline(config, cpu_runner, "cpu", "auto", graphs=None)
+        Pipeline(config, without_codes, "cpu", "auto")

@@ -7,7 +7,6 @@ import torch
 
 from bsldm_fast import _ext, kernels
 from bsldm_fast.diffusion import noise
-from bsldm_fast.kernels import reference
 
 
 # Known-answer vectors of philox4x32_10 from Random123 (kat_vectors): counter, key -> output.
@@ -21,7 +20,7 @@ KNOWN_ANSWERS = [
 
 @pytest.mark.parametrize("counter, key, expected", KNOWN_ANSWERS)
 def test_reference_philox_matches_random123(counter, key, expected):
-    got = reference.philox4x32_10(*counter, *key)
+    got = noise.philox4x32_10(*counter, *key)
     assert tuple(int(v) for v in got) == expected
 
 
@@ -32,7 +31,7 @@ def test_cpp_philox_matches_random123(needs_c, counter, key, expected):
 
 def test_cpp_philox_matches_reference_on_random_counters(needs_c, gen):
     words = torch.randint(0, 2**32, (200, 6), generator=gen, dtype=torch.int64)
-    expected = torch.stack(reference.philox4x32_10(*words.t()), dim=1)
+    expected = torch.stack(noise.philox4x32_10(*words.t()), dim=1)
     got = torch.tensor([_ext.C.philox4x32_10(*map(int, row)) for row in words])
     assert torch.equal(got, expected)
 
@@ -59,7 +58,7 @@ def test_reference_philox_matches_tritons_own(triton_device, gen):
     key = torch.randint(0, 2**31, (2,), generator=gen).tolist()
     out = torch.empty(64, 4, dtype=torch.int64, device=triton_device)
     philox_kernel[(1,)](counters.to(triton_device), out, key[0], key[1], N=64)
-    expected = torch.stack(reference.philox4x32_10(*counters.t(), key[0], key[1]), dim=1)
+    expected = torch.stack(noise.philox4x32_10(*counters.t(), key[0], key[1]), dim=1)
     assert torch.equal(out.cpu(), expected)
 
 

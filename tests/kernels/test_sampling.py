@@ -7,14 +7,28 @@ import torch
 
 from bsldm_fast import kernels
 from bsldm_fast.config import DiffusionConfig
-from bsldm_fast.diffusion import Schedule, sample, spaced_timesteps
+from bsldm_fast.diffusion import Schedule, plan_timesteps, samplers, spaced_timesteps
 from bsldm_fast.diffusion.noise import StepNoise, initial_latent, seed_tensor
-from bsldm_fast.kernels.sampling import sample_fused
+from bsldm_fast.kernels.sampling import Buffers, run
 from bsldm_fast.pipeline import Pipeline
 
 SCHEDULE = Schedule.from_config(DiffusionConfig())
 SEEDS = [11, 2**40 + 5]
 SHAPE = (4, 5, 7)
+
+
+def sample(name, denoiser, x, cond, schedule, ts, noise):
+    """The reference loop of diffusion/samplers.py, with an explicit noise source."""
+    return samplers.sample(plan_timesteps(name, schedule, ts), denoiser, x, cond, noise)
+
+
+def sample_fused(name, denoiser, cond, seeds, schedule, ts, offset, backend, step_offset=0.0):
+    """The product's loop (kernels.sampling.run) on fresh buffers holding `cond`."""
+    plan = plan_timesteps(name, schedule, ts)
+    buffers = Buffers.allocate(plan, cond.shape[0], tuple(cond.shape[1:]), cond.device)
+    buffers.u[:, cond.shape[1]:] = cond
+    buffers.seeds.copy_(seeds)
+    return run(plan, denoiser, buffers, offset, backend, step_offset=step_offset).clone()
 
 
 def _denoiser(gen):
@@ -78,8 +92,8 @@ def test_step_offset_noise_reaches_the_steps(gen):
 def test_pipeline_fused_matches_reference(tiny_model, sampler, gen):
     """Pipeline end to end (VQ kernel + fused loop) against step_backend='reference'."""
     images = torch.rand(2, 1, 64, 64, generator=gen) * 2 - 1
-    fused = Pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet)
-    reference = Pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, step_backend="reference")
+    fused = Pipeline.create(tiny_model.config, tiny_model.vqgan, tiny_model.unet)
+    reference = Pipeline.create(tiny_model.config, tiny_model.vqgan, tiny_model.unet, step_backend="reference")
     assert fused.step_backend == "cpp"
     cond = reference.encode(images)
     torch.testing.assert_close(fused.encode(images), cond, rtol=0, atol=0)
@@ -91,10 +105,10 @@ def test_pipeline_fused_matches_reference(tiny_model, sampler, gen):
 
 def test_pipeline_rejects_unknown_or_unavailable_backends(tiny_model):
     with pytest.raises(ValueError, match="step_backend"):
-        Pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, step_backend="fast")
+        Pipeline.create(tiny_model.config, tiny_model.vqgan, tiny_model.unet, step_backend="fast")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="unavailable"):
-            Pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, step_backend="cuda")
+            Pipeline.create(tiny_model.config, tiny_model.vqgan, tiny_model.unet, step_backend="cuda")
 
 
 def test_dpmpp_from_the_same_x_T_matches_at_paper_size(monkeypatch, gen):

@@ -15,14 +15,8 @@ import torch
 
 from bsldm_fast import kernels
 from bsldm_fast.diffusion import noise
-from bsldm_fast.diffusion.samplers import (
-    ddim_step,
-    ddpm_coefficients_float32,
-    ddpm_step,
-    dpmpp_2m_step,
-    predict_x0,
-)
-from bsldm_fast.kernels import reference
+from bsldm_fast.diffusion.plan import ddim_entry, ddpm_entry, dpmpp_entry, log_snr
+from bsldm_fast.diffusion.samplers import ddim_update, ddpm_update, dpmpp_update
 from bsldm_fast.models.vqgan import Codebook
 
 SHAPES = [(1, 4, 8, 8), (3, 4, 5, 7), (2, 3, 17, 1), (2, 4, 33, 31)]
@@ -55,12 +49,10 @@ def test_ddpm_step(backend, device, shape, clip, offset, gen):
     seeds = _seeds(gen, shape[0], device)
     ab, ab_prev = _random_alpha_bars(gen)
     step = int(torch.randint(0, 1000, (), generator=gen))
-    c = ddpm_coefficients_float32(ab, ab_prev)
-    p = kernels.DDPMStep(math.sqrt(ab), math.sqrt(1 - ab), kernels.clip_bound(clip), c.x0_coeff,
-                         c.x_coeff, c.noise_std)
+    p = ddpm_entry(ab, ab_prev, clip, last=False)
     x = u[:, : shape[1]]
     z = noise.StepNoise(seeds.tolist(), shape[1:], "cpu", offset)(step)
-    expected = ddpm_step(x.cpu(), eps.cpu(), c, clip, z)
+    expected = ddpm_update(x.cpu(), eps.cpu(), p, z)
     before = u.clone()
     kernels.ddpm_step(x, eps, seeds, step, p, x, offset, backend=backend)
     torch.testing.assert_close(x.cpu(), expected, **TOL)
@@ -75,12 +67,10 @@ def test_ddim_step(backend, device, shape, clip, eta, gen):
     seeds = _seeds(gen, shape[0], device)
     ab, ab_prev = _random_alpha_bars(gen)
     step = int(torch.randint(0, 1000, (), generator=gen))
-    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
-    p = kernels.DDIMStep(math.sqrt(ab), math.sqrt(1 - ab), kernels.clip_bound(clip), math.sqrt(ab_prev),
-                         math.sqrt(max(1 - ab_prev - sigma**2, 0.0)), sigma)
+    p = ddim_entry(ab, ab_prev, clip, eta, last=False)
     x = u[:, : shape[1]]
     z = noise.StepNoise(seeds.tolist(), shape[1:], "cpu")(step) if eta else None
-    expected = ddim_step(x.cpu(), eps.cpu(), ab, ab_prev, clip, eta, z)
+    expected = ddim_update(x.cpu(), eps.cpu(), p, z)
     kernels.ddim_step(x, eps, seeds, step, p, x, backend=backend)
     torch.testing.assert_close(x.cpu(), expected, **TOL)
 
@@ -92,19 +82,12 @@ def test_dpmpp_2m_step(backend, device, shape, order, gen):
     ab, ab_next = _random_alpha_bars(gen)
     if order == "last":
         ab_next = 1.0
-    h = 0.5 * math.log(ab_next / (1 - ab_next)) - 0.5 * math.log(ab / (1 - ab)) if ab_next < 1 else None
+    h = log_snr(ab_next) - log_snr(ab) if ab_next < 1 else None
     h_prev = h * (0.5 + float(torch.rand((), generator=gen))) if order == "second" else None
     prev = torch.randn(shape, generator=gen).to(device) if order == "second" else None
     x = u[:, : shape[1]]
-    x0_ref = predict_x0(x.cpu(), eps.cpu(), ab, 1.4)
-    expected = dpmpp_2m_step(x.cpu(), x0_ref, None if prev is None else prev.cpu(), ab, ab_next, h_prev)
-    if order == "last":
-        p = kernels.DPMStep(math.sqrt(ab), math.sqrt(1 - ab), 1.4, 0.0, 0.0, 1.0, 0.0, True)
-    else:
-        r = h_prev / h if h_prev else None
-        w_cur, w_prev = (1 + 1 / (2 * r), 1 / (2 * r)) if r else (1.0, 0.0)
-        p = kernels.DPMStep(math.sqrt(ab), math.sqrt(1 - ab), 1.4, math.sqrt(1 - ab_next) / math.sqrt(1 - ab),
-                            math.sqrt(ab_next) * math.expm1(-h), w_cur, w_prev, False)
+    p = dpmpp_entry(ab, ab_next, 1.4, h_prev)
+    expected, x0_ref = dpmpp_update(x.cpu(), eps.cpu(), None if prev is None else prev.cpu(), p)
     # In place, as the loop runs it: x0 overwrites prev_x0, x_next overwrites x.
     x0 = prev if prev is not None else torch.empty(shape, device=device)
     kernels.dpmpp_2m_step(x, eps, prev, p, x, x0, backend=backend)
@@ -159,11 +142,10 @@ def test_reference_kernels_are_the_samplers(gen):
     u, eps = _buffers(shape, gen, "cpu")
     seeds = _seeds(gen, 2, "cpu")
     ab, ab_prev = _random_alpha_bars(gen)
-    c = ddpm_coefficients_float32(ab, ab_prev)
-    p = kernels.DDPMStep(math.sqrt(ab), math.sqrt(1 - ab), 1.5, c.x0_coeff, c.x_coeff, c.noise_std)
+    p = ddpm_entry(ab, ab_prev, 1.5, last=False)
     out = torch.empty(shape)
     kernels.ddpm_step(u[:, :4], eps, seeds, 3, p, out, backend="reference")
-    expected = ddpm_step(u[:, :4], eps, c, 1.5, noise.StepNoise(seeds.tolist(), shape[1:], "cpu")(3))
+    expected = ddpm_update(u[:, :4], eps, p, noise.StepNoise(seeds.tolist(), shape[1:], "cpu")(3))
     assert torch.equal(out, expected)
 
 
@@ -208,5 +190,5 @@ def test_reference_philox_normals_match_the_op(needs_c, gen):
     seeds = _seeds(gen, 3, "cpu")
     out = torch.empty(3, 4, 7, 9)
     kernels.philox_normal(seeds, 1, 11, out, backend="cpp")
-    expected = reference.noise(seeds, 1, 11, (4, 7, 9), 0.0)
+    expected = noise.noise(seeds, 1, 11, (4, 7, 9), 0.0)
     torch.testing.assert_close(out, expected, rtol=2e-6, atol=2e-6)

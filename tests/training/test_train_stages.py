@@ -59,7 +59,7 @@ def test_ldm_input_is_what_the_sampler_feeds(pairs, tmp_path, tiny_vqgan_dir, sc
     """x_t = sqrt(a) x0 + sqrt(1 - a) eps on the soft-tissue half; the CXR half is the latent c,
     scaled by sqrt(a) only with 'original', exactly as the sampler's denoiser builds it."""
     from bsldm_fast.diffusion import Schedule
-    from bsldm_fast.pipeline import LatentDenoiser
+    from bsldm_fast.models.latent import LatentDenoiser
 
     config = tiny_config("ldm", pairs, tmp_path / "run", vqgan=str(tiny_vqgan_dir), condition_scaling=scaling)
     stage = _stage(config)
@@ -77,10 +77,19 @@ def test_ldm_input_is_what_the_sampler_feeds(pairs, tmp_path, tiny_vqgan_dir, sc
     torch.testing.assert_close(seen["u"][:, :4].double(), x_t, rtol=1e-6, atol=1e-6)
     # The sampler's view of the same state.
     fed = {}
-    probe = lambda u, tt: fed.update(u=u) or torch.zeros_like(u)[:, :4]  # noqa: E731
-    den = LatentDenoiser(probe, stage.model_config, Schedule.from_config(stage.model_config.diffusion), torch.float32)
-    den(torch.cat([seen["u"][:, :4], c], dim=1), t)
-    torch.testing.assert_close(seen["u"][:, 4:], fed["u"][:, 4:], rtol=1e-6, atol=1e-7)
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dtype_probe = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, u, tt):
+            fed.update(u=u)
+            return torch.zeros_like(u)[:, :4]
+
+    LatentDenoiser(Probe(), stage.model_config)(torch.cat([seen["u"][:, :4], c], dim=1), t)
+    # One conditioning function (diffusion.conditioning) for both: the same tensor, bit for bit.
+    assert torch.equal(seen["u"][:, 4:], fed["u"][:, 4:])
     assert torch.equal(seen["u"][:, 4:], c) == (scaling == "none")
 
 
