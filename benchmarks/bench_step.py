@@ -35,7 +35,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checks import check_finite, check_output, tolerances  # noqa: E402
-from timing import machine, measure  # noqa: E402
+from original_style import make_scheduler  # noqa: E402
+from timing import copy_bandwidth, cpu_seconds, machine, measure, sync  # noqa: E402
 
 from bsldm_fast import kernels  # noqa: E402
 from bsldm_fast.config import DiffusionConfig  # noqa: E402
@@ -45,20 +46,6 @@ from bsldm_fast.diffusion.samplers import ddpm_coefficients_float32, ddpm_step  
 from bsldm_fast.kernels.sampling import ddim_plan, ddpm_plan, dpmpp_plan  # noqa: E402
 
 CHANNELS, SIZE = 4, 128
-
-
-def make_scheduler(diffusion: DiffusionConfig, clip_range: float):
-    """diffusers' DDPMScheduler as the original builds it (its __init__ computes the betas in Python)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=diffusion.num_train_timesteps, beta_start=diffusion.beta_start,
-                         beta_end=diffusion.beta_end, beta_schedule=diffusion.beta_schedule,
-                         clip_sample=diffusion.clip_sample, clip_sample_range=clip_range)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def original_steps(batch: int, steps: int, device: torch.device, diffusion: DiffusionConfig):
@@ -152,32 +139,6 @@ def check_case(label: str, fn, name: str | None, batch: int, steps: int, device:
     fast()
     ref()
     return check_output(fast.output, ref.output, "fp32")
-
-
-def cpu_seconds(fn, repeats: int) -> float:
-    """Median CPU time of `fn` over `repeats` calls after one warm-up: on a shared, oversubscribed
-    machine wall time measures the other tenants, CPU time (with --threads 1) the work itself."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.process_time()
-        fn()
-        times.append(time.process_time() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(device: torch.device, repeats: int, numel: int = 16 * 2**20) -> float:
-    """Measured device copy bandwidth, bytes/s (read + write), copying `numel` float32 values."""
-    src = torch.randn(numel, device=device)
-    dst = torch.empty_like(src)
-
-    def run():
-        for _ in range(10):
-            dst.copy_(src)
-        sync(device)
-
-    seconds = cpu_seconds(run, repeats) if device.type == "cpu" else measure(run, 2, repeats).minimum
-    return 10 * 2 * src.numel() * 4 / seconds
 
 
 # Bytes each fused step must move per latent element: x read + eps read + x_{t-1} written,

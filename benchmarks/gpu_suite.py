@@ -30,6 +30,7 @@ import tempfile
 import time
 import traceback
 import xml.etree.ElementTree as ET
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from checks import Check, check_finite, check_output, psnr, tolerances  # noqa: E402
-from timing import Row, Timing, machine, machine_slug, matmul_peak, measure, unet_flops, vqgan_flops, write_results  # noqa: E402
+from timing import (Row, Timing, copy_bandwidth, machine, machine_slug, matmul_peak, measure,  # noqa: E402
+                    sync, unet_flops, vqgan_flops, write_results)
 
 from bsldm_fast import _ext, kernels  # noqa: E402
 from bsldm_fast.diffusion.noise import seed_tensor  # noqa: E402
@@ -142,19 +144,6 @@ def sample_images(size: int, batch: int) -> torch.Tensor:
     return images * 2 - 1
 
 
-def copy_bandwidth(device: torch.device, mib: int = 1024) -> float:
-    """Measured device-to-device copy rate, bytes read + written per second."""
-    a = torch.empty(mib << 18, dtype=torch.float32, device=device).normal_()
-    b = torch.empty_like(a)
-    t = measure(lambda: b.copy_(a), warmup=2, repeats=10, device=device)
-    return 2 * a.numel() * 4 / t.minimum
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _reset_memory(device) -> int:
     gc.collect()
     if device.type != "cuda":
@@ -247,7 +236,8 @@ def part_peaks(ctx: Context) -> None:
             continue
         ctx.peaks[name] = matmul_peak(PRECISIONS[name], sizes, repeats=3 if ctx.args.quick else 5,
                                       device=ctx.device)
-    ctx.bandwidth = copy_bandwidth(ctx.device, 64 if ctx.args.quick else 1024)
+    # 64 MiB or 1 GiB of float32, far beyond the caches.
+    ctx.bandwidth = copy_bandwidth(ctx.device, 10, (64 if ctx.args.quick else 1024) << 18)
     print("matmul peaks: " + ", ".join(f"{k} {v / 1e12:.1f} TFLOP/s" for k, v in ctx.peaks.items())
           + f"; copy {ctx.bandwidth / 1e12:.2f} TB/s", flush=True)
 
@@ -424,7 +414,7 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
     graphs = "cuda" if device.type == "cuda" else None
     pipe = GraphPipeline(config, runner, device, "auto", graphs=graphs)
     out = pipe.run(images, seeds, SAMPLER)
-    _sync(device)
+    sync(device)
     setup_s = time.perf_counter() - start
     setup_peak = _peak_mib(device, base)
     # Correctness before timing: sample 0 (same image, same seed) against the eager float32 image.
@@ -534,7 +524,7 @@ def part_baseline_whole(ctx: Context) -> None:
         ctx.baseline["_loop"].run(ctx.images1)
     else:
         ctx.baseline["_pipe"].run(ctx.images1, [ctx.seed], "ddpm", ctx.config.diffusion.num_train_timesteps)
-    _sync(device)
+    sync(device)
     ctx.baseline["whole_s"] = time.perf_counter() - start
 
 
@@ -593,27 +583,20 @@ def targets(ctx: Context) -> dict:
     return out
 
 
-def read_tests(path: Path | None, log: Path | None = None) -> dict:
-    """Counts, failures and skips from pytest's JUnit XML (else the end of its log: killed by timeout)."""
-    if path is None or not path.is_file():
+def read_tests(xml: Path | None, log: Path | None = None) -> dict:
+    """The GPU tests as pytest reported them in its JUnit XML (`--junitxml`): its counts, the failed
+    tests and why tests were skipped; without the file (not run, or killed by its timeout) the end
+    of pytest's output."""
+    if xml is None or not xml.is_file():
         tail = log.read_text(errors="replace")[-3000:] if log is not None and log.is_file() else ""
         return {"status": "not run or not finished" if tail else "not run", "log_tail": tail}
-    root = ET.parse(path).getroot()
-    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    counts = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
-    failed, skipped = [], {}
-    for case in root.iter("testcase"):
-        name = f"{case.get('classname')}::{case.get('name')}"
-        for tag in ("failure", "error"):
-            node = case.find(tag)
-            if node is not None:
-                failed.append({"test": name, "message": (node.get("message") or "")[:500]})
-        node = case.find("skipped")
-        if node is not None:
-            reason = (node.get("message") or "")[:200]
-            skipped[reason] = skipped.get(reason, 0) + 1
+    suite = ET.parse(xml).getroot().find("testsuite")  # pytest writes <testsuites><testsuite ...>
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    return {"status": "ok" if not failed else "failed", **counts, "failed": failed, "skipped_reasons": skipped}
+    failed = [{"test": f"{case.get('classname')}::{case.get('name')}", "message": (node.get("message") or "")[:500]}
+              for case in suite.iter("testcase") for node in case if node.tag in ("failure", "error")]
+    skipped = Counter((node.get("message") or "")[:200] for node in suite.iter("skipped"))
+    return {"status": "failed" if failed else "ok", **counts, "failed": failed, "skipped_reasons": dict(skipped)}
 
 
 def read_log(path: Path | None) -> dict | None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from timing import sync
+
 from bsldm_fast.config import DiffusionConfig
 from bsldm_fast.models import VQGAN, UNet
 
@@ -94,13 +96,9 @@ class OriginalStyle:
                 break
             start = time.perf_counter()
             sample, scheduler, _ = self.step(model, scheduler, sample, cxr, j, t)
-            self._sync()
+            sync(self.device)
             times.append(time.perf_counter() - start)
         return sample, times, len(timesteps)
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def run(self, image: torch.Tensor, max_steps: int | None = None) -> tuple[np.ndarray, LoopTimes]:
@@ -109,7 +107,7 @@ class OriginalStyle:
             raise ValueError("the original loop takes one image at a time")
         start = time.perf_counter()
         cxr = self.vqgan.encode_latent(image.to(self.device))
-        self._sync()
+        sync(self.device)
         encode = time.perf_counter() - start
         sample, steps, total = self.loop(cxr, max_steps)
         start = time.perf_counter()

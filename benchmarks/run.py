@@ -16,7 +16,6 @@ import argparse
 import copy
 import dataclasses
 import functools
-import inspect
 import json
 import resource
 import sys
@@ -149,15 +148,8 @@ class Backend:
     note: str = ""
 
 
-def _step_kwargs(step_backend: str) -> dict:
-    # Pipelines from before the fused kernels (issue 7) have no step_backend: they are all reference.
-    if "step_backend" in inspect.signature(Pipeline.__init__).parameters:
-        return {"step_backend": step_backend}
-    return {}
-
-
 def _eager(ctx: Context, model: Model, precision: str) -> Pipeline:
-    return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, **_step_kwargs("reference"))
+    return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, step_backend="reference")
 
 
 class _Frozen:
@@ -179,7 +171,7 @@ class _Frozen:
 def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
     # Copies: compiling must not touch the modules the eager rows share.
     p = Pipeline(model.config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), ctx.device, precision,
-                 **_step_kwargs("reference"))
+                 step_backend="reference")
     # Each compiled pipeline starts from empty dynamo caches, as in a fresh process: after the
     # small model's compiles, the paper U-Net compiled in the same process ran 0.81 s a step,
     # against 0.58 s alone.
@@ -208,8 +200,6 @@ FUSED = ("cpp", "cuda", "triton")
 
 def _fused_unavailable(name: str):
     def why(device: torch.device) -> str | None:
-        if not _step_kwargs(name):
-            return "Pipeline has no step_backend option yet (fused sampler kernels, issue 7)"
         try:
             from bsldm_fast import kernels
         except Exception as e:  # noqa: BLE001 - report whatever broke the import
@@ -220,7 +210,7 @@ def _fused_unavailable(name: str):
 
 def _fused(name: str):
     def build(ctx: Context, model: Model, precision: str) -> Pipeline:
-        return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, **_step_kwargs(name))
+        return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, step_backend=name)
     return build
 
 

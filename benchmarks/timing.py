@@ -41,7 +41,8 @@ class Timing:
         return (self.maximum - self.minimum) / self.median if self.median else 0.0
 
 
-def _sync(device: torch.device | str | None) -> None:
+def sync(device: torch.device | str | None) -> None:
+    """Wait for the device's queued work (a no-op off CUDA): a wall time must include it."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -73,7 +74,7 @@ def measure(fn: Callable[[], object], warmup: int = 1, repeats: int = 3,
     cuda = device is not None and torch.device(device).type == "cuda"
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
@@ -83,13 +84,45 @@ def measure(fn: Callable[[], object], warmup: int = 1, repeats: int = 3,
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
     if cuda:
         peak, kind = torch.cuda.max_memory_allocated(device) / 2**20, "cuda-allocated"
     else:
         peak, kind = _peak_rss_mib(resettable), "rss"
     return Timing(statistics.median(times), min(times), max(times), repeats, peak, kind, times)
+
+
+def cpu_seconds(fn: Callable[[], object], repeats: int) -> float:
+    """Median CPU time of `fn` over `repeats` calls after one warm-up: on a shared, oversubscribed
+    machine wall time measures the other tenants, CPU time (with one thread) the work itself."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(device: torch.device | str, repeats: int, numel: int = 16 * 2**20) -> float:
+    """Measured device copy bandwidth, bytes/s (read + write), copying `numel` float32 values: the
+    roofline of a memory-bound step. Ten copies per call, so that a small copy is not all launch
+    and sync; on the CPU the median CPU time (`cpu_seconds`), on a GPU the fastest wall time."""
+    device = torch.device(device)
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+
+    def run():
+        for _ in range(10):
+            dst.copy_(src)
+        sync(device)
+
+    if device.type == "cpu":
+        seconds = cpu_seconds(run, repeats)
+    else:
+        seconds = measure(run, warmup=2, repeats=repeats, device=device).minimum
+    return 10 * 2 * src.numel() * 4 / seconds
 
 
 def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3,
