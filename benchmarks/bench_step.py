@@ -40,10 +40,10 @@ from timing import copy_bandwidth, cpu_seconds, machine, measure, sync  # noqa: 
 
 from bsldm_fast import kernels  # noqa: E402
 from bsldm_fast.config import DiffusionConfig  # noqa: E402
-from bsldm_fast.diffusion import Schedule, spaced_timesteps  # noqa: E402
+from bsldm_fast.diffusion import Schedule  # noqa: E402
 from bsldm_fast.diffusion.noise import StepNoise, seed_tensor  # noqa: E402
-from bsldm_fast.diffusion.samplers import ddpm_coefficients_float32, ddpm_step  # noqa: E402
-from bsldm_fast.kernels.sampling import ddim_plan, ddpm_plan, dpmpp_plan  # noqa: E402
+from bsldm_fast.diffusion.plan import make_plan  # noqa: E402
+from bsldm_fast.diffusion.samplers import ddpm_update  # noqa: E402
 
 CHANNELS, SIZE = 4, 128
 
@@ -76,18 +76,17 @@ def original_steps(batch: int, steps: int, device: torch.device, diffusion: Diff
 
 
 def reference_steps(batch: int, steps: int, device: torch.device, schedule: Schedule):
-    """bsldm_fast's unfused reference DDPM steps (samplers.ddpm_step + Philox noise tensors)."""
+    """bsldm_fast's unfused reference DDPM steps (samplers.ddpm_update + Philox noise tensors)."""
     eps8 = torch.randn(batch, 2 * CHANNELS, SIZE, SIZE, device=device)
     u = torch.randn(batch, 2 * CHANNELS, SIZE, SIZE, device=device)
-    ts = spaced_timesteps(schedule.num_timesteps, schedule.num_timesteps)
+    plan = make_plan("ddpm", schedule, schedule.num_timesteps)
     noise = StepNoise(list(range(batch)), (CHANNELS, SIZE, SIZE), device)
 
     def run():
         x = u[:, :CHANNELS].clone()
         for i in range(steps):
             eps = eps8[:, :CHANNELS]
-            c = ddpm_coefficients_float32(schedule.alpha_bar(ts[i]), schedule.alpha_bar(ts[i + 1]))
-            x = ddpm_step(x, eps, c, schedule.clip_range(ts[i]), noise(i))
+            x = ddpm_update(x, eps, plan.entries[i], noise(i))
             u[:, :CHANNELS] = x
         sync(device)
         run.output = x
@@ -103,10 +102,8 @@ def fused_steps(name: str, batch: int, steps: int, device: torch.device, schedul
     # Seeded like the rest: DPM-Solver++ steps read it (an empty buffer made the output undefined).
     x0 = torch.randn_like(x)
     seeds = seed_tensor(range(batch), device)
-    ts = spaced_timesteps(schedule.num_timesteps, 1000 if name == "ddpm" else 50)
-    plan = {"ddpm": ddpm_plan, "ddim": ddim_plan, "dpmpp": dpmpp_plan}[name](schedule, ts)
     # Mid-trajectory steps: the DPM-Solver++ ones are second order (they read prev_x0).
-    plan = plan[1 : 1 + steps]
+    plan = make_plan(name, schedule, 1000 if name == "ddpm" else 50).entries[1 : 1 + steps]
 
     def run():
         for i, p in enumerate(plan):

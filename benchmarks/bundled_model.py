@@ -48,7 +48,7 @@ def model_input(model: modeldir.Model, unit: np.ndarray) -> torch.Tensor:
 
 def check(model: modeldir.Model, suppressor: Suppressor, x: torch.Tensor, seed: int) -> dict:
     """The suppressor's pipeline vs the fp32 reference pipeline on one model-size input."""
-    reference = Pipeline(model.config, model.vqgan, model.unet, "cpu", "fp32", "reference").run(x, [seed])
+    reference = Pipeline.create(model.config, model.vqgan, model.unet, "cpu", "fp32", "reference").run(x, [seed])
     product = suppressor.pipeline.run(x, [seed])
     return check_output(product, reference, suppressor.pipeline.precision, image=True).as_dict()
 

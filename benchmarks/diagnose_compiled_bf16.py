@@ -31,7 +31,6 @@ def child(config: str, freezing: bool) -> dict:
     """One compiled-vs-eager comparison; what the parent reads from our last stdout line."""
     sys.path.insert(0, str(ROOT))
     import torch
-    from torch._inductor import config as inductor_config
 
     from bsldm_fast.config import preset
     from bsldm_fast.modeldir import random_model
@@ -43,14 +42,13 @@ def child(config: str, freezing: bool) -> dict:
     u = torch.randn(1, c.unet.in_channels, c.latent_size, c.latent_size, generator=g)
     t = torch.full((1,), 500, dtype=torch.long)
     with torch.inference_mode():
-        ref = Pipeline(c, model.vqgan, model.unet, "cpu", "fp32").denoiser(u, t)
-    p = Pipeline(c, model.vqgan, model.unet, "cpu", "bf16")
+        ref = Pipeline.create(c, model.vqgan, model.unet, "cpu", "fp32").denoiser(u, t)
     with torch.inference_mode():
-        eager = p.denoiser(u, t)
-    compiled = torch.compile(p.unet)
-    p.denoiser.unet = compiled
-    with inductor_config.patch(freezing=freezing), torch.inference_mode():
-        out = p.denoiser(u, t)
+        eager = Pipeline.create(c, model.vqgan, model.unet, "cpu", "bf16").denoiser(u, t)
+    compiled = Pipeline.create(c, model.vqgan, model.unet, "cpu", "bf16", backend="torch-compile",
+                               freeze=("unet",) if freezing else ())
+    with torch.inference_mode():
+        out = compiled.denoiser(u, t)
 
     def err(x):
         bad = int((~torch.isfinite(x)).sum())

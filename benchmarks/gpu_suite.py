@@ -47,10 +47,9 @@ from timing import (Row, Timing, copy_bandwidth, machine, machine_slug, matmul_p
 
 from bsldm_fast import _ext, kernels  # noqa: E402
 from bsldm_fast.diffusion.noise import seed_tensor  # noqa: E402
-from bsldm_fast.engines.gpu_pipeline import GraphPipeline  # noqa: E402
-from bsldm_fast.engines.runners import TorchRunner  # noqa: E402
+from bsldm_fast.engines.runners import Runner, make_runner  # noqa: E402
 from bsldm_fast.modeldir import random_model  # noqa: E402
-from bsldm_fast.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, Pipeline  # noqa: E402
+from bsldm_fast.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS, CudaGraphs, Pipeline  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SAMPLES = ROOT / "assets" / "szch_samples" / "cxr"
@@ -178,8 +177,8 @@ class Context:
         self.e2e: dict[str, dict] = {}
         """Summary of each end-to-end configuration (timing, memory, PSNR)."""
         self.baseline: dict = {}
-        self.compiled_runner: TorchRunner | None = None
-        self.reference_runner: TorchRunner | None = None
+        self.compiled_runner: Runner | None = None
+        self.reference_runner: Runner | None = None
         """Eager float32: what every stage row is checked against."""
         self.failed: list[dict] = []
         """Rows that failed their correctness check: recorded with the error, never timed."""
@@ -270,10 +269,7 @@ def part_psnr_demo(ctx: Context) -> dict:
     reference = _fp32_reference(model, images, seeds, device)
     out = {}
     for precision in ("fp16", "bf16") if device.type == "cuda" else ("bf16",):
-        runner = TorchRunner(model.config, model.vqgan, model.unet, device, precision)
-        pipe = GraphPipeline(model.config, runner, device, "auto",
-                             graphs="cuda" if device.type == "cuda" else None,
-                             codes=model.vqgan.quantizer.embedding.weight)
+        pipe = Pipeline.create(model.config, model.vqgan, model.unet, device, precision)
         result = torch.cat([pipe.run(images[i : i + 1], seeds[i : i + 1], SAMPLER) for i in range(3)])
         out[precision] = [psnr(reference[i], result[i]) for i in range(3)]
     print(f"demo model PSNR vs fp32 (dB): {json.dumps(out)}", flush=True)
@@ -320,7 +316,7 @@ def _no_tf32():
 def _fp32_reference(model, images: torch.Tensor, seeds: list[int], device) -> torch.Tensor:
     """Eager float32 outputs, unfused samplers, TF32 off, one image at a time."""
     with _no_tf32():
-        ref = Pipeline(model.config, model.vqgan, model.unet, device, "fp32", "reference")
+        ref = Pipeline.create(model.config, model.vqgan, model.unet, device, "fp32", "reference")
         return torch.cat([ref.run(images[i : i + 1], seeds[i : i + 1], SAMPLER).cpu()
                           for i in range(images.shape[0])])
 
@@ -330,19 +326,19 @@ def part_reference(ctx: Context) -> None:
     ctx.reference = _fp32_reference(ctx.model, ctx.images1, [ctx.seed], ctx.device)
 
 
-def _stage_rows(ctx: Context, runner, backend: str, precision: str, pipe: GraphPipeline) -> None:
+def _stage_rows(ctx: Context, runner, backend: str, precision: str, pipe: Pipeline) -> None:
     """encode / U-Net step / sampler step / decode of a runner, each timed on its own (batch 1)."""
     config, device, steps = ctx.config, ctx.device, DEFAULT_STEPS[SAMPLER]
     program = pipe.program(1, SAMPLER)
     images = ctx.images1
-    u = program.u.clone().normal_()
-    t = program.timesteps[0]
+    u = program.sampling.u.clone().normal_()
+    t = program.sampling.timesteps[0]
     # A view of U with the loop's own strides: new strides would make torch.compile recompile.
     latent = u[:, : config.diffusion.latent_channels]
     eps = latent.clone().normal_()
     x = latent.clone()
     x0 = torch.zeros_like(x)
-    plan = program.plan[1]
+    plan = program.plan.entries[1]
     seeds = seed_tensor([ctx.seed], device)
 
     def one_step(x, x0, backend):
@@ -359,7 +355,7 @@ def _stage_rows(ctx: Context, runner, backend: str, precision: str, pipe: GraphP
 
     common = dict(batch=1, resolution=config.image_size, config=config.name, group="gpu-suite")
     if ctx.reference_runner is None:
-        ctx.reference_runner = TorchRunner(config, ctx.model.vqgan, ctx.model.unet, device, "fp32")
+        ctx.reference_runner = make_runner(config, ctx.model.vqgan, ctx.model.unet, device, "fp32")
     ref = ctx.reference_runner
 
     def sampler_output(backend: str) -> torch.Tensor:
@@ -411,8 +407,7 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
     base = _reset_memory(device)
     start = time.perf_counter()
     runner = runner_factory()
-    graphs = "cuda" if device.type == "cuda" else None
-    pipe = GraphPipeline(config, runner, device, "auto", graphs=graphs)
+    pipe = Pipeline(config, runner, device, "auto", graphs=CudaGraphs(device) if device.type == "cuda" else None)
     out = pipe.run(images, seeds, SAMPLER)
     sync(device)
     setup_s = time.perf_counter() - start
@@ -434,7 +429,7 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
     flops = batch * (ctx.flops["vq-encode"] + ctx.flops["vq-decode"] + steps * ctx.flops["unet-step"])
     summary = {
         "backend": runner.name, "precision": precision, "batch": batch, "sampler": SAMPLER,
-        "steps": steps, "step_backend": pipe.step_backend, "cuda_graph": graphs is not None,
+        "steps": steps, "step_backend": pipe.step_backend, "cuda_graph": pipe.graphs is not None,
         "setup_s": round(setup_s, 2), "median_s": timing.median, "min_s": timing.minimum,
         "images_per_s": batch / timing.median,
         "peak_mib": max(p for p in (setup_peak, replay_peak) if p is not None) if setup_peak is not None else None,
@@ -444,7 +439,7 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
     summary["psnr_db_vs_fp32_reference"] = check.value
     ctx.rows.append(Row("end-to-end", runner.name, precision, batch, config.image_size, SAMPLER, steps,
                         timing, flops, config.name, "gpu-suite",
-                        note=("CUDA graph replay" if graphs else "uncaptured (no CUDA)")
+                        note=("CUDA graph replay" if pipe.graphs is not None else "uncaptured (no CUDA)")
                         + f"; setup (compile + capture) {setup_s:.1f} s",
                         compile_s=setup_s, check=check.as_dict()))
     ctx.e2e[name] = summary
@@ -457,8 +452,8 @@ def _e2e(ctx: Context, name: str, runner_factory: Callable[[], object], precisio
 
 
 def _torch_runner(ctx: Context, precision: str, compile: bool = False):
-    return lambda: TorchRunner(ctx.config, ctx.model.vqgan, ctx.model.unet, ctx.device, precision,
-                               compile=compile, compile_mode=ctx.args.compile_mode)
+    return lambda: make_runner(ctx.config, ctx.model.vqgan, ctx.model.unet, ctx.device, precision,
+                               "torch-compile" if compile else "torch", compile_mode=ctx.args.compile_mode)
 
 
 def _needs_cuda(ctx: Context, what: str) -> None:
@@ -490,7 +485,7 @@ def part_baseline_sampled(ctx: Context) -> None:
     except ImportError:
         # diffusers is not on the GPU machine: the same eager fp32 DDPM-1000 loop on our unfused
         # PyTorch samplers (what the original computes, without its scheduler rebuilds and host copies).
-        pipe = Pipeline(config, ctx.model.vqgan, ctx.model.unet, device, "fp32", "reference")
+        pipe = Pipeline.create(config, ctx.model.vqgan, ctx.model.unet, device, "fp32", "reference")
         kind = ("eager fp32 DDPM-1000 on bsldm_fast's unfused reference sampler (diffusers is missing, "
                 "so not the original's scheduler object)")
         with torch.inference_mode():

@@ -272,7 +272,7 @@ def sample_rows(args: argparse.Namespace, model: modeldir.Model, rows_path: Path
     for clip in (True, False):
         diffusion = dataclasses.replace(model.config.diffusion, clip_sample=clip)
         config = model.config.replace(diffusion=diffusion)
-        pipelines[clip] = Pipeline(config, model.vqgan, model.unet, device, args.precision)
+        pipelines[clip] = Pipeline.create(config, model.vqgan, model.unet, device, args.precision)
 
     configs = configurations(args.grid)
     batches = math.ceil(count / args.batch_size)

@@ -149,29 +149,10 @@ class Backend:
 
 
 def _eager(ctx: Context, model: Model, precision: str) -> Pipeline:
-    return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, step_backend="reference")
-
-
-class _Frozen:
-    """A torch.compile'd module whose compilation sees inductor's `freezing` set as asked. Set
-    around each call rather than globally, because dynamo reads it while tracing (torch.compile's
-    `options` come too late for that) and because it must differ between modules."""
-
-    def __init__(self, module: torch.nn.Module, freezing: bool):
-        from torch._inductor import config as inductor_config
-
-        self.compiled = torch.compile(module)
-        self.patch = functools.partial(inductor_config.patch, freezing=freezing)
-
-    def __call__(self, *args):
-        with self.patch():
-            return self.compiled(*args)
+    return Pipeline.create(model.config, model.vqgan, model.unet, ctx.device, precision, "reference", graphs=None)
 
 
 def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
-    # Copies: compiling must not touch the modules the eager rows share.
-    p = Pipeline(model.config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), ctx.device, precision,
-                 step_backend="reference")
     # Each compiled pipeline starts from empty dynamo caches, as in a fresh process: after the
     # small model's compiles, the paper U-Net compiled in the same process ran 0.81 s a step,
     # against 0.58 s alone.
@@ -180,11 +161,9 @@ def _compiled(ctx: Context, model: Model, precision: str) -> Pipeline:
     # oneDNN and folds the residual adds into the convolutions (paper U-Net step, bf16, 2 cores:
     # 0.59 s unfrozen, 0.54-0.58 s frozen). The VQGAN's are not: freezing its strided convolutions
     # in channels-last at batch 8 trips an inductor layout assertion (torch 2.13).
-    p.unet = _Frozen(p.unet, freezing=True)
-    p.denoiser.unet = p.unet
-    p.vq_encoder = _Frozen(p.vq_encoder, freezing=False)
-    p.vq_decoder = _Frozen(p.vq_decoder, freezing=False)
-    return p
+    # Copies: compiling must not touch the modules the eager rows share.
+    return Pipeline.create(model.config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), ctx.device,
+                           precision, "reference", backend="torch-compile", freeze=("unet",), graphs=None)
 
 
 def _compile_available(device: torch.device) -> str | None:
@@ -210,7 +189,7 @@ def _fused_unavailable(name: str):
 
 def _fused(name: str):
     def build(ctx: Context, model: Model, precision: str) -> Pipeline:
-        return Pipeline(model.config, model.vqgan, model.unet, ctx.device, precision, step_backend=name)
+        return Pipeline.create(model.config, model.vqgan, model.unet, ctx.device, precision, name, graphs=None)
     return build
 
 
@@ -225,20 +204,18 @@ def _tensorrt_available(device: torch.device) -> str | None:
 
 
 def _tensorrt(ctx: Context, model: Model, precision: str) -> Pipeline:
-    """The Pipeline with its networks replaced by TensorRT engines built for a temporary model dir,
-    so that every stage times the engines through the same calls as the other backends."""
+    """The Pipeline on the TensorRT runner, engines built for a temporary model dir, so that every
+    stage times the engines through the same calls as the other backends."""
     import tempfile
 
     from bsldm_fast import modeldir
-    from bsldm_fast.engines.tensorrt import build_engines, load_engines
+    from bsldm_fast.engines.tensorrt import build_engines
 
     path = Path(tempfile.mkdtemp(prefix="bsldm-trt-")) / "model"
     modeldir.save(path, model.config, model.vqgan, model.unet)
     build_engines(path, precision)
-    engines = load_engines(path, precision, device=ctx.device)
-    p = Pipeline(model.config, model.vqgan, model.unet, ctx.device, "fp32")
-    p.denoiser, p.encode, p.decode = engines.denoiser, engines.vqgan.encode_latent, engines.vqgan.decode
-    return p
+    return Pipeline.create(model.config, model.vqgan, model.unet, ctx.device, precision, backend="tensorrt",
+                           model_dir=path, graphs=None)
 
 
 def _original(ctx: Context, model: Model, precision: str) -> OriginalStyle:
@@ -329,6 +306,14 @@ class _StubDenoiser:
         return self.eps
 
 
+class _FreeUNetRunner:
+    """A pipeline's runner with the U-Net replaced by `_StubDenoiser`."""
+
+    def __init__(self, runner, eps: torch.Tensor):
+        self.name, self.precision, self.codes = f"{runner.name}+stub", runner.precision, runner.codes
+        self.encode, self.decode, self.denoise = runner.encode, runner.decode, _StubDenoiser(eps)
+
+
 def stage_sampler(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared:
     c = config.diffusion.latent_channels
     elements = s.batch * c * config.latent_size**2
@@ -340,17 +325,11 @@ def stage_sampler(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared
         return Prepared(lambda: p.loop(cxr, s.steps, stub), flops * config.unet.out_channels // c,
                         "diffusers step + scheduler rebuild + cat + host copy")
     cond = _latents(config, s.batch, c, ctx.device)
-    stub = _StubDenoiser(_latents(config, s.batch, c, ctx.device) * 0.5)
-    denoiser = p.denoiser
+    free = _FreeUNetRunner(p.runner, _latents(config, s.batch, c, ctx.device) * 0.5)
+    stubbed = Pipeline(config, free, ctx.device, p.step_backend)
     seeds = list(range(s.batch))
-
-    def loop():
-        p.denoiser = stub
-        try:
-            return p.sample_latents(cond, seeds, s.sampler, s.steps)
-        finally:
-            p.denoiser = denoiser
-    return Prepared(loop, flops, "per step: whole loop with a free denoiser / steps")
+    return Prepared(lambda: stubbed.sample_latents(cond, seeds, s.sampler, s.steps), flops,
+                    "per step: whole loop with a free denoiser / steps")
 
 
 def stage_e2e(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared:

@@ -185,14 +185,25 @@ checks = sys.modules["checks"]
 def _wrong_backend(how: str):
     """The eager bf16 pipeline broken `how`: a denoiser returning NaN, or 10 % off, or images
     mirrored left to right (what a layout bug does)."""
+    class Broken:
+        def __init__(self, runner):
+            self.name, self.precision, self.codes = f"broken-{how}", runner.precision, runner.codes
+            self.runner = runner
+
+        def encode(self, images):
+            return self.runner.encode(images)
+
+        def denoise(self, u, t):
+            eps = self.runner.denoise(u, t)
+            return eps if how == "mirror" else eps * (math.nan if how == "nan" else 1.1)
+
+        def decode(self, z):
+            image = self.runner.decode(z)
+            return image.flip(-1) if how == "mirror" else image
+
     def build(ctx, model, precision):
         p = run._eager(ctx, model, precision)
-        denoise, decode = p.denoiser, p.decode
-        if how == "mirror":
-            p.decode = lambda z: decode(z).flip(-1)
-        else:
-            p.denoiser = lambda u, t: denoise(u, t) * (math.nan if how == "nan" else 1.1)
-        return p
+        return run.Pipeline(p.config, Broken(p.runner), p.device, p.step_backend)
     return run.Backend(f"broken-{how}", ("fp32", "bf16"), build)
 
 

@@ -35,7 +35,7 @@ def _compiled(module: torch.nn.Module, freezing: bool):
     compiled = torch.compile(module)
 
     def call(*args):
-        # As run.py's _Frozen: dynamo reads `freezing` while tracing, so it is set around the call.
+        # As the runners' _Compiled: dynamo reads `freezing` while tracing, so it is set around the call.
         with inductor_config.patch(freezing=freezing), torch.inference_mode():
             return compiled(*args)
     return call
@@ -50,17 +50,18 @@ def _check(out, ref, precision):
 @pytest.mark.parametrize("freezing", [False, True], ids=["unfrozen", "frozen"])
 def test_compiled_bf16_unet_matches_eager_fp32(freezing, gen):
     """The issue's case: the `small` U-Net as the benchmark's torch-compile row runs it (the
-    Pipeline's denoiser: bf16, channels-last on the CPU), fresh seeded input, t = 500."""
+    Pipeline's torch-compile runner: bf16, channels-last on the CPU), fresh seeded input, t = 500."""
     model = random_model(preset("small"))
     config = model.config
     u = torch.randn(1, config.unet.in_channels, config.latent_size, config.latent_size, generator=gen)
     t = torch.full((1,), 500, dtype=torch.long)
     with torch.inference_mode():
-        ref = Pipeline(config, model.vqgan, model.unet, "cpu", "fp32").denoiser(u, t)
-    p = Pipeline(config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), "cpu", "bf16")
-    p.unet = _compiled(p.unet, freezing)
-    p.denoiser.unet = p.unet
-    out = p.denoiser(u, t)
+        ref = Pipeline.create(config, model.vqgan, model.unet, "cpu", "fp32").denoiser(u, t)
+    torch._dynamo.reset()
+    p = Pipeline.create(config, copy.deepcopy(model.vqgan), copy.deepcopy(model.unet), "cpu", "bf16",
+                        backend="torch-compile", freeze=("unet",) if freezing else ())
+    with torch.inference_mode():
+        out = p.denoiser(u, t)
     assert torch.isfinite(out).all(), f"{int((~torch.isfinite(out)).sum())} of {out.numel()} not finite"
     _check(out, ref, "bf16")
 

@@ -8,8 +8,6 @@ they differ only through log/cos/sqrt (a few ulp of the noise) and, on a GPU, fu
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
