@@ -145,18 +145,20 @@ def initial_latent(seeds: torch.Tensor, offset: float, out: torch.Tensor,
 def ddpm_step(x: torch.Tensor, eps: torch.Tensor, seeds: torch.Tensor, step: int, p: DDPMStep,
               out: torch.Tensor, offset: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """Fused DDPM ancestral step with dynamic clipping; `out` may be `x`."""
-    x, eps = _samplewise(x), _samplewise(eps)
-    _impl(backend, out.device).ddpm_step(x, eps, seeds, step, p.sqrt_ab, p.sqrt_1mab, p.clip,
-                                         p.x0_coeff, p.x_coeff, p.noise_std, float(offset), out)
-    return out
+    return _noisy_step("ddpm_step", x, eps, seeds, step, p, p.x_coeff, out, offset, backend)
 
 
 def ddim_step(x: torch.Tensor, eps: torch.Tensor, seeds: torch.Tensor, step: int, p: DDIMStep,
               out: torch.Tensor, offset: float = 0.0, backend: str = "auto") -> torch.Tensor:
     """Fused DDIM step (eps re-derived from the clipped x0 when clipping); `out` may be `x`."""
-    x, eps = _samplewise(x), _samplewise(eps)
-    _impl(backend, out.device).ddim_step(x, eps, seeds, step, p.sqrt_ab, p.sqrt_1mab, p.clip,
-                                         p.x0_coeff, p.eps_coeff, p.noise_std, float(offset), out)
+    return _noisy_step("ddim_step", x, eps, seeds, step, p, p.eps_coeff, out, offset, backend)
+
+
+def _noisy_step(op: str, x, eps, seeds, step, p: DDPMStep | DDIMStep, coeff: float, out, offset, backend):
+    # DDPM and DDIM share the flat signature; only their second coefficient differs.
+    fn = getattr(_impl(backend, out.device), op)
+    fn(_samplewise(x), _samplewise(eps), seeds, step, p.sqrt_ab, p.sqrt_1mab, p.clip, p.x0_coeff, coeff,
+       p.noise_std, float(offset), out)
     return out
 
 

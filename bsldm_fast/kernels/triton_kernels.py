@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..diffusion.noise import INIT_STREAM, OFFSET_STREAM_DELTA, STEP_STREAM
+
 BLOCK = 1024
 VQ_BLOCK = 64
 VQ_CODES = 32
@@ -55,11 +57,12 @@ def _normal(index, k0, k1, stream, step):
 
 
 @triton.jit
-def _noise(idx, plane, k0, k1, stream, step, offset, OFFSET: tl.constexpr):
-    z = _normal(idx.to(tl.uint32), k0, k1, stream, step)
+def _noise(idx, plane, k0, k1, STREAM: tl.constexpr, step, offset, OFFSET: tl.constexpr,
+           OFFSET_DELTA: tl.constexpr):
+    z = _normal(idx.to(tl.uint32), k0, k1, STREAM, step)
     if OFFSET:
         channel = (idx // plane).to(tl.uint32)
-        z = z + offset * _normal(channel, k0, k1, stream + 2, step)
+        z = z + offset * _normal(channel, k0, k1, STREAM + OFFSET_DELTA, step)
     return z
 
 
@@ -83,12 +86,13 @@ def _normal_kernel(out_ptr, seeds_ptr, out_stride, inner, stream, step, BLOCK: t
 
 @triton.jit
 def _initial_latent_kernel(out_ptr, seeds_ptr, out_stride, inner, plane, offset,
-                           OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                           OFFSET: tl.constexpr, STREAM: tl.constexpr, OFFSET_DELTA: tl.constexpr,
+                           BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < inner
     k0, k1 = _key(seeds_ptr, b)
-    z = _noise(idx, plane, k0, k1, 0, 0, offset, OFFSET)
+    z = _noise(idx, plane, k0, k1, STREAM, 0, offset, OFFSET, OFFSET_DELTA)
     tl.store(out_ptr + b * out_stride + idx, z, mask=mask)
 
 
@@ -99,7 +103,8 @@ def _initial_latent_kernel(out_ptr, seeds_ptr, out_stride, inner, plane, offset,
 def _noisy_step_kernel(x_ptr, eps_ptr, out_ptr, seeds_ptr, x_stride, eps_stride, out_stride, inner,
                        plane, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, noise_std, offset,
                        DDIM: tl.constexpr, REDERIVE: tl.constexpr, NOISE: tl.constexpr,
-                       OFFSET: tl.constexpr, BLOCK: tl.constexpr):
+                       OFFSET: tl.constexpr, STREAM: tl.constexpr, OFFSET_DELTA: tl.constexpr,
+                       BLOCK: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < inner
@@ -114,7 +119,8 @@ def _noisy_step_kernel(x_ptr, eps_ptr, out_ptr, seeds_ptr, x_stride, eps_stride,
         value = x0_coeff * x0 + coeff * x
     if NOISE:
         k0, k1 = _key(seeds_ptr, b)
-        value = value + noise_std * _noise(idx, plane, k0, k1, 1, step, offset, OFFSET)
+        z = _noise(idx, plane, k0, k1, STREAM, step, offset, OFFSET, OFFSET_DELTA)
+        value = value + noise_std * z
     tl.store(out_ptr + b * out_stride + idx, value, mask=mask)
 
 
@@ -196,7 +202,8 @@ def philox_normal(seeds, stream, step, out) -> None:
 def initial_latent(seeds, offset, out) -> None:
     if out.numel():
         _initial_latent_kernel[_grid(out)](out, seeds, out.stride(0), out[0].numel(), _plane(out),
-                                           offset, OFFSET=offset != 0.0, BLOCK=BLOCK)
+                                           offset, OFFSET=offset != 0.0, STREAM=INIT_STREAM,
+                                           OFFSET_DELTA=OFFSET_STREAM_DELTA, BLOCK=BLOCK)
 
 
 def _noisy_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, noise_std, offset, out,
@@ -206,7 +213,7 @@ def _noisy_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, 
             x, eps, out, seeds, x.stride(0), eps.stride(0), out.stride(0), out[0].numel(),
             _plane(out), step, sqrt_ab, sqrt_1mab, clip, x0_coeff, coeff, noise_std, offset,
             DDIM=ddim, REDERIVE=ddim and not math.isinf(clip), NOISE=noise_std != 0.0,
-            OFFSET=offset != 0.0, BLOCK=BLOCK)
+            OFFSET=offset != 0.0, STREAM=STEP_STREAM, OFFSET_DELTA=OFFSET_STREAM_DELTA, BLOCK=BLOCK)
 
 
 def ddpm_step(x, eps, seeds, step, sqrt_ab, sqrt_1mab, clip, x0_coeff, x_coeff, noise_std, offset,

@@ -33,22 +33,18 @@ class _Cast(nn.Module):
         return x.to(dtype).contiguous(memory_format=self.memory_format)
 
 
-class LatentEncoder(_Cast):
-    def __init__(self, encoder: nn.Module, memory_format: torch.memory_format = torch.contiguous_format):
+class LatentCoder(_Cast):
+    """A VQGAN half with float32 I/O: the encoder (image -> z) or the decoder (latent -> image)."""
+
+    def __init__(self, network: nn.Module, memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__(memory_format)
-        self.encoder = encoder
+        self.network = network
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return self.encoder(self.prepare(image, _dtype(self.encoder))).float().contiguous()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.prepare(x, _dtype(self.network))).float().contiguous()
 
 
-class LatentDecoder(_Cast):
-    def __init__(self, decoder: nn.Module, memory_format: torch.memory_format = torch.contiguous_format):
-        super().__init__(memory_format)
-        self.decoder = decoder
-
-    def forward(self, latent: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.prepare(latent, _dtype(self.decoder))).float().contiguous()
+LatentEncoder = LatentDecoder = LatentCoder
 
 
 class LatentDenoiser(_Cast):
