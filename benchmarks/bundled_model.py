@@ -22,28 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bsldm_fast import Suppressor, modeldir, normalization  # noqa: E402
+from bsldm_fast import Suppressor, modeldir, preprocess  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
-from bsldm_fast.io.intensity import to_unit  # noqa: E402
 from bsldm_fast.pipeline import Pipeline  # noqa: E402
-from bsldm_fast.training.data import resize  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
 from checks import check_output, tolerances  # noqa: E402
 from timing import lscpu, machine, machine_slug, measure, write_new  # noqa: E402
-
-
-def model_input(model: modeldir.Model, unit: np.ndarray) -> torch.Tensor:
-    """A [0, 1] image as the Suppressor feeds its pipeline: resized, normalised, in [-1, 1]."""
-    image = resize(torch.from_numpy(unit.astype(np.float32))[None, None], model.config.image_size)
-    scale, offset = normalization.affine(image, model.config.input_normalization)
-    return (image * scale + offset) * 2 - 1
 
 
 def check(model: modeldir.Model, suppressor: Suppressor, x: torch.Tensor, seed: int) -> dict:
@@ -74,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # The baseline: the original loop, k of its 1000 steps timed, then scaled.
     loop = OriginalStyle(model.vqgan, model.unet, model.config.diffusion)
-    x = model_input(model, to_unit(images[0])[0])
+    x = preprocess.model_input(preprocess.pixels_to_unit(images[0])[0], model.config).tensor
     runs = [loop.run(x, max_steps=args.k)[1] for _ in range(2)]
     estimate = min(r.estimate() for r in runs)
     rows.append({"row": "original-style fp32 DDPM-1000", "seconds_per_image": estimate,

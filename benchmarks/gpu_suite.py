@@ -132,15 +132,14 @@ class Suite:
 
 
 def sample_images(size: int, batch: int) -> torch.Tensor:
-    """The bundled sample radiographs, resized to the model's size, cycled to `batch`, in [-1, 1]."""
-    from PIL import Image
+    """The bundled sample radiographs as the Suppressor reads and resizes them (`preprocess`),
+    cycled to `batch`, in [-1, 1]."""
+    from bsldm_fast import preprocess
 
-    arrays = [np.asarray(Image.open(p).convert("L").resize((size, size), Image.BILINEAR), np.float32) / 255
-              for p in sorted(SAMPLES.glob("*.png"))]
-    if not arrays:
+    images = [preprocess.read_at_size(p, size) for p in sorted(SAMPLES.glob("*.png"))]
+    if not images:
         raise FileNotFoundError(f"no sample images in {SAMPLES}")
-    images = torch.from_numpy(np.stack([arrays[i % len(arrays)] for i in range(batch)]))[:, None]
-    return images * 2 - 1
+    return preprocess.to_model_range(torch.cat([images[i % len(images)] for i in range(batch)]))
 
 
 def _reset_memory(device) -> int:

@@ -30,20 +30,21 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bsldm_fast import Suppressor, metrics, modeldir  # noqa: E402
+from bsldm_fast import Suppressor, metrics, modeldir, preprocess  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
-from bsldm_fast.training.data import resize  # noqa: E402
 from timing import lscpu  # noqa: E402
 
 from bsldm_fast.training.trainer import trained_real_pairs as trained_on  # noqa: E402
 
 
 def _unit(path: Path) -> np.ndarray:
-    return metrics.to_unit(read_image(path))
+    # The metrics' scale (float64, by the stored type), which the published numbers were made with.
+    return preprocess.scale_by_dtype(read_image(path))
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    return resize(torch.from_numpy(image.astype(np.float32))[None, None], size)[0, 0].numpy()
+    image = torch.from_numpy(image.astype(np.float32))[None, None]
+    return preprocess.resize(image, size)[0, 0].numpy()
 
 
 @torch.no_grad()
@@ -74,7 +75,7 @@ difference of the image (the global display offset between the two): ribs, clavi
 def regional_mse(pred: np.ndarray, soft: np.ndarray, cxr: np.ndarray) -> dict[str, float]:
     """MSE where the bones are and everywhere else, at 1024 px, the regions from the real pair: a
     bone suppressor should gain in the first and lose nothing in the second."""
-    p, t, c = (metrics.resize(x) for x in (pred, soft, cxr))
+    p, t, c = (metrics.to_metric_size(x) for x in (pred, soft, cxr))
     bone_layer = c - t
     bone = bone_layer - np.median(bone_layer) > BONE_MARGIN
     err = (p - t) ** 2

@@ -1,9 +1,12 @@
 """The BS-LDM evaluation metrics: BSR, MSE, PSNR, SSIM and LPIPS (Sun et al. 2025, Sec. IV-B).
 
 Conventions follow the authors' `metrics.py` (repository diaoquesang/BS-LDM):
-- every image is scaled to [0, 1] (uint8 / 255; uint16 / 65535 here as well) and resized to
-  1024 x 1024 with bilinear interpolation (OpenCV's INTER_LINEAR: half-pixel centres, no
-  antialiasing) before it is measured;
+- every image is scaled to [0, 1] (uint8 / 255; uint16 / 65535 here as well; floats taken as
+  [0, 1]: `preprocess.scale_by_dtype`) and resized to 1024 x 1024 before it is measured, with
+  `preprocess.resize`, the resize inference and training use: bilinear with half-pixel centres,
+  antialiased when shrinking. NOTE: the original uses OpenCV's INTER_LINEAR, which never
+  antialiases; the two agree for images that are 1024 x 1024 already (the paper's and ours) or
+  enlarged, and differ when an image larger than 1024 px is shrunk;
 - BSR (bone suppression ratio) = 1 - sum(relu(target - pred')^2) / sum(bone^2), where
   bone = cxr - target and pred' = pred + mean(target - pred), the mean-offset correction. As in the
   original, only residuals where the corrected prediction is darker than the target count. BSR is a
@@ -32,6 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .preprocess import resize, scale_by_dtype
+
 logger = logging.getLogger(__name__)
 
 METRIC_SIZE = 1024
@@ -42,33 +47,16 @@ SSIM_RADIUS = 5  # skimage: int(truncate * sigma + 0.5) with truncate 3.5
 SSIM_K1, SSIM_K2 = 0.01, 0.03
 
 
-def to_unit(image: np.ndarray) -> np.ndarray:
-    """A 2-D image as float64 in [0, 1]: uint8 / 255, uint16 / 65535, floats taken as [0, 1]."""
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"expected a 2-D grey-scale image, got shape {image.shape}")
-    if image.dtype == np.uint8:
-        return image.astype(np.float64) / 255.0
-    if image.dtype == np.uint16:
-        return image.astype(np.float64) / 65535.0
-    if np.issubdtype(image.dtype, np.floating):
-        if not np.isfinite(image).all():
-            raise ValueError("image contains NaN or infinite values")
-        return image.astype(np.float64)
-    raise TypeError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
-
-
-def resize(image: np.ndarray, size: int | None = METRIC_SIZE) -> np.ndarray:
-    """Bilinear resize to size x size as OpenCV's INTER_LINEAR does it; `None` keeps the size."""
+def to_metric_size(image: np.ndarray, size: int | None = METRIC_SIZE) -> np.ndarray:
+    """A 2-D image resized to size x size by `preprocess.resize`; `None` keeps its size."""
     if size is None or image.shape == (size, size):
         return image
     tensor = torch.from_numpy(np.ascontiguousarray(image))[None, None]
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=False)[0, 0].numpy()
+    return resize(tensor, size)[0, 0].numpy()
 
 
 def _prepare(*images: np.ndarray, size: int | None) -> list[np.ndarray]:
-    return [resize(to_unit(image), size) for image in images]
+    return [to_metric_size(scale_by_dtype(image), size) for image in images]
 
 
 def bsr(cxr: np.ndarray, target: np.ndarray, pred: np.ndarray, size: int | None = METRIC_SIZE) -> float:
@@ -199,7 +187,7 @@ def evaluate(pred: np.ndarray, target: np.ndarray, cxr: np.ndarray | None = None
              lpips_model: LPIPS | None = None, size: int | None = METRIC_SIZE) -> Scores:
     """Every metric of one prediction against its soft-tissue target (and CXR, for BSR)."""
     p, t = _prepare(pred, target, size=size)
-    c = None if cxr is None else resize(to_unit(cxr), size)
+    c = None if cxr is None else to_metric_size(scale_by_dtype(cxr), size)
     return Scores(
         bsr=None if c is None else bsr(c, t, p, size=None),
         mse=mse(t, p, size=None),

@@ -1,9 +1,8 @@
 """`Suppressor`: the Python API. NumPy radiographs in, soft-tissue radiographs out.
 
-Intensity mapping (the original's `ToTensor` + `Normalize(0.5, 0.5)`, generalised):
-- uint8 and uint16 use their full range: x / 255 or x / 65535, then 2x - 1;
-- float images are mapped from their own [min, max] and back, so any calibrated scale survives.
-The image is resized to the model's resolution (bilinear) and the result back to the input's size.
+Pixels go to the networks and back through `preprocess` (intensity mapping, resizing to the
+model's resolution and back, the model's input normalisation and output anchor), the same functions
+training, calibration and the metrics use.
 Files and folders (DICOM, PNG, JPEG, TIFF) go through `suppress_file` / `suppress_dir`, which share
 `io.batch` with the command line.
 """
@@ -17,20 +16,18 @@ from typing import Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from . import modeldir, normalization
+from . import modeldir, preprocess
 from .diffusion import SAMPLERS
 from .io.batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
 from .io.dicom import Provenance
-from .io.intensity import from_unit, to_unit
 from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
 
 logger = logging.getLogger(__name__)
 
 ImageInput = Union[np.ndarray, Sequence[np.ndarray]]
 
-__all__ = ["Suppressor", "from_unit", "resolve_device", "to_unit"]
+__all__ = ["Suppressor", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -41,13 +38,6 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was requested but torch sees no CUDA device")
     return device
-
-
-def _resize(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    if tuple(batch.shape[-2:]) == size:
-        return batch
-    shrinking = size[0] < batch.shape[-2] or size[1] < batch.shape[-1]
-    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
 
 
 class Suppressor:
@@ -141,34 +131,19 @@ class Suppressor:
         return out
 
     def _unit_batch(self, units: list[np.ndarray]) -> list[np.ndarray]:
-        size = (self.config.image_size, self.config.image_size)
-        images, inputs, maps = [], [], []
-        for unit in units:
-            if unit.ndim != 2 or min(unit.shape) < 2:
-                raise ValueError(f"image of shape {unit.shape} is too small")
-            image = _resize(torch.from_numpy(np.asarray(unit, np.float32))[None, None], size)
-            scale, offset = normalization.affine(image, self.config.input_normalization)
-            images.append(image)
-            inputs.append(image * scale + offset)
-            maps.append((scale, offset))
-        batch = torch.cat(inputs).to(self.device) * 2.0 - 1.0
+        inputs = [preprocess.model_input(unit, self.config) for unit in units]
+        batch = torch.cat([prepared.tensor for prepared in inputs]).to(self.device)
         soft = self.pipeline.run(batch, [self.seed] * len(units), self.sampler, self.steps,
                                  self.offset_noise)
-        soft = ((soft.float() + 1.0) / 2.0).cpu()
-        out = []
-        for s, image, m, unit in zip(soft, images, maps, units):
-            s = normalization.anchor(normalization.invert(s[None], *m), image,
-                                     self.config.output_anchor)
-            out.append(np.clip(_resize(s, unit.shape)[0, 0].numpy(), 0.0, 1.0))
-        return out
+        return preprocess.model_outputs(soft, inputs, self.config)
 
     def _run_batch(self, images: list[np.ndarray]) -> list[np.ndarray]:
         for image in images:
             if min(image.shape) < 2:
                 raise ValueError(f"image of shape {image.shape} is too small")
-        mapped = [to_unit(image) for image in images]
+        mapped = [preprocess.pixels_to_unit(image) for image in images]
         softs = self._unit_batch([unit for unit, _ in mapped])
-        return [from_unit(soft, value_range, image.dtype)
+        return [preprocess.unit_to_pixels(soft, value_range, image.dtype)
                 for soft, (_, value_range), image in zip(softs, mapped, images)]
 
     # Files -----------------------------------------------------------------------------------

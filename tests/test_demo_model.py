@@ -13,6 +13,7 @@ import pytest
 from bsldm_fast import Suppressor, metrics
 from bsldm_fast.io import read_image
 from bsldm_fast.modeldir import DEMO_DIR, load, resolve
+from bsldm_fast.preprocess import scale_by_dtype
 from bsldm_fast.training.trainer import TRAINING_DATA_FILE
 
 SAMPLES = DEMO_DIR.parents[2] / "assets" / "szch_samples"
@@ -74,8 +75,8 @@ def test_demo_beats_the_identity_on_a_real_pair_it_never_saw(demo):
         # Most of the PSNR is the anchor's offset (the CXR - 0.044 alone: 24.07 dB, SSIM 0.816,
         # BSR 0.900); the networks must add to it, in every metric (measured: +1.2 dB, +0.060,
         # +0.033).
-        anchored = metrics.evaluate(np.clip(metrics.to_unit(cxr) + demo.config.output_anchor.offset,
-                                            0, 1), metrics.to_unit(soft), cxr)
+        anchored = metrics.evaluate(np.clip(scale_by_dtype(cxr) + demo.config.output_anchor.offset,
+                                            0, 1), scale_by_dtype(soft), cxr)
         assert model.psnr > anchored.psnr + 0.5 and model.ssim > anchored.ssim + 0.01, (name, model, anchored)
         assert model.bsr > anchored.bsr + 0.01, (name, model, anchored)
 
@@ -84,7 +85,7 @@ def test_batch_composition_moves_only_a_few_near_tie_patches(demo):
     """With the quantised decode a batch's float32 rounding can tip a near-tie between two codes;
     the README bounds what that may move (measured on these samples: 6.5e-3 at most, 0.03 % of
     the pixels above 1e-3)."""
-    images = [metrics.to_unit(read_image(p)).astype(np.float32)
+    images = [scale_by_dtype(read_image(p)).astype(np.float32)
               for p in sorted((SAMPLES / "cxr").glob("*.png"))]
     suppressor = Suppressor(demo, device="cpu", batch_size=len(images))
     batch = suppressor.suppress_unit(images)

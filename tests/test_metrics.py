@@ -7,22 +7,23 @@ import pytest
 from skimage.metrics import structural_similarity
 
 from bsldm_fast import metrics
+from bsldm_fast.preprocess import scale_by_dtype
 
 
-def test_to_unit_scales_by_bit_depth():
-    assert metrics.to_unit(np.array([[0, 255]], np.uint8)).tolist() == [[0.0, 1.0]]
-    assert metrics.to_unit(np.array([[0, 65535]], np.uint16)).tolist() == [[0.0, 1.0]]
+def test_scale_by_dtype_scales_by_bit_depth():
+    assert scale_by_dtype(np.array([[0, 255]], np.uint8)).tolist() == [[0.0, 1.0]]
+    assert scale_by_dtype(np.array([[0, 65535]], np.uint16)).tolist() == [[0.0, 1.0]]
     with pytest.raises(ValueError, match="NaN"):
-        metrics.to_unit(np.array([[np.nan, 0.0]]))
+        scale_by_dtype(np.array([[np.nan, 0.0]]))
     with pytest.raises(TypeError):
-        metrics.to_unit(np.zeros((2, 2), np.int32))
+        scale_by_dtype(np.zeros((2, 2), np.int32))
 
 
-def test_resize_is_half_pixel_bilinear():
+def test_enlarging_to_metric_size_is_half_pixel_bilinear():
     # OpenCV INTER_LINEAR: source pixel centres at 0.5, 1.5; outputs at 0.25, 0.75, ... clamp.
-    out = metrics.resize(np.array([[0.0, 1.0], [0.0, 1.0]]), 4)
+    out = metrics.to_metric_size(np.array([[0.0, 1.0], [0.0, 1.0]]), 4)
     np.testing.assert_allclose(out[0], [0.0, 0.25, 0.75, 1.0])
-    np.testing.assert_allclose(metrics.resize(np.full((3, 5), 0.3), 8), 0.3)
+    np.testing.assert_allclose(metrics.to_metric_size(np.full((3, 5), 0.3), 8), 0.3)
 
 
 def test_mse_and_psnr_by_hand():

@@ -111,14 +111,14 @@ def test_the_callers_model_is_left_unchanged(tiny_model):
 
 
 def test_display_space_entry_agrees_with_the_array_api(suppressor):
-    from bsldm_fast.suppressor import from_unit, to_unit
+    from bsldm_fast.preprocess import pixels_to_unit, unit_to_pixels
 
     image = _image(np.random.default_rng(), np.uint16, (70, 50))
-    unit, value_range = to_unit(image)
+    unit, value_range = pixels_to_unit(image)
     soft = suppressor.suppress_unit([unit])[0]
     assert soft.dtype == np.float32 and soft.shape == image.shape
     assert 0.0 <= soft.min() and soft.max() <= 1.0
-    assert np.array_equal(from_unit(soft, value_range, np.uint16), suppressor(image))
+    assert np.array_equal(unit_to_pixels(soft, value_range, np.uint16), suppressor(image))
 
 
 def test_suppress_file_writes_what_the_array_api_returns(suppressor, tmp_path):

@@ -106,9 +106,9 @@ class EngineConfig:
 
 
 def load_pairs(folder: str | Path, names: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Real pairs folder/cxr/NAME.png + folder/soft/NAME.png as float64 [0, 1] at 1024 px."""
-    from ..io import read_image
-    from ..metrics import resize, to_unit
+    """Real pairs folder/cxr/NAME.* + folder/soft/NAME.* as float64 [0, 1] at 1024 px, read and
+    resized as training and inference read them (`preprocess`)."""
+    from ..preprocess import read_at_size
 
     root = Path(folder)
     pairs = []
@@ -118,7 +118,7 @@ def load_pairs(folder: str | Path, names: list[str]) -> list[tuple[np.ndarray, n
             matches = sorted((root / kind).glob(f"{name}.*"))
             if not matches:
                 raise FileNotFoundError(f"{root / kind}: no image named {name}.*")
-            images.append(resize(to_unit(read_image(matches[0])), SIZE))
+            images.append(read_at_size(matches[0], SIZE)[0, 0].numpy().astype(np.float64))
         pairs.append((images[0], images[1]))
     return pairs
 
@@ -189,8 +189,8 @@ def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
 
 
 def _resize(image: np.ndarray, size: int) -> np.ndarray:
-    # The training loader's resize, so engine images shrink exactly as training and inference do.
-    from ..training.data import resize
+    # The one resize, so engine images shrink exactly as training and inference do.
+    from ..preprocess import resize
 
     return resize(torch.from_numpy(image.astype(np.float32))[None, None], size)[0, 0].numpy()
 

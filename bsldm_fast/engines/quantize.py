@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from .._files import atomic_write
+from ..config import ModelConfig
 from ..modeldir import Model
 from .cache import EngineError, OnnxKey, read_manifest, write_manifest
 
@@ -39,11 +40,11 @@ def modelopt_quantize():
     return quantize
 
 
-def load_calibration_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
-    """Radiographs (files or folders) as a [N, 1, size, size] batch in [-1, 1], the model's input."""
-    import torch.nn.functional as F
-
-    from ..io import ImageError, find_images, read_radiograph
+def load_calibration_images(paths: Sequence[str | Path], config: ModelConfig) -> torch.Tensor:
+    """Radiographs (files or folders) as a [N, 1, S, S] batch exactly as inference feeds the
+    pipeline (`preprocess.model_input`: resized, normalised, in [-1, 1])."""
+    from ..io import ImageError, find_images
+    from ..preprocess import model_input, read_radiograph
 
     try:
         units = [read_radiograph(job.source).unit for job in find_images([str(p) for p in paths])]
@@ -51,14 +52,7 @@ def load_calibration_images(paths: Sequence[str | Path], size: int) -> torch.Ten
         raise EngineError(f"calibration images: {error}") from error
     if not units:
         raise EngineError("no calibration images found; pass --calibration-images with radiographs")
-    batch = []
-    for unit in units:
-        image = torch.from_numpy(np.ascontiguousarray(unit, dtype=np.float32))[None, None]
-        shrinking = max(image.shape[-2:]) > size
-        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=shrinking)
-        batch.append(image * 2 - 1)
-    return torch.cat(batch)
+    return torch.cat([model_input(unit, config).tensor for unit in units])
 
 
 @torch.inference_mode()
@@ -109,7 +103,7 @@ def quantized_unet_onnx(model_dir: str | Path, model: Model, mode: str,
     if not calibration_images:
         raise EngineError(f"{mode} needs calibration radiographs: pass --calibration-images DIR")
     quantize = modelopt_quantize()
-    images = load_calibration_images(calibration_images, model.config.image_size)
+    images = load_calibration_images(calibration_images, model.config)
     feeds = calibration_feeds(model, images)
     digest = hashlib.sha256(feeds["U"].tobytes() + feeds["t"].tobytes()).hexdigest()[:16]
     path = onnx_path(model_dir, "unet", mode)

@@ -3,16 +3,8 @@ batch runs over folders."""
 
 from .batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
 from .dicom import Provenance, support_table, transfer_syntaxes
-from .images import (
-    MAX_PIXELS,
-    MAX_SIDE,
-    MIN_SIDE,
-    ImageError,
-    Job,
-    find_images,
-    read_image,
-    write_image,
-)
+from .formats import MAX_PIXELS, MAX_SIDE, MIN_SIDE, ImageError
+from .images import Job, find_images, read_image, write_image
 from .radiograph import Radiograph, read_radiograph, write_radiograph
 
 __all__ = [

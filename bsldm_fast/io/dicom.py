@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .._files import atomic_write
-from .images import MIN_SIDE, ImageError, check_size
+from .formats import MIN_SIDE, ImageError, check_size
 
 logger = logging.getLogger(__name__)
 

@@ -15,8 +15,9 @@ from PIL import Image
 
 from .._files import atomic_write
 from .dicom import DicomImage, Provenance, read_dicom, write_dicom
-from .images import ImageError, Raster, read_raster, sniff, stored, upright, write_image
-from .intensity import from_unit, to_unit
+from .formats import ImageError, sniff
+from .images import Raster, read_raster, stored, upright, write_image
+from .intensity import pixels_to_unit, unit_to_pixels
 
 OUTPUT_KINDS = ("soft", "bone")
 
@@ -49,7 +50,7 @@ def read_radiograph(path: str | Path) -> Radiograph:
     work = pixels if pixels.dtype in (np.uint8, np.uint16) or pixels.dtype.kind == "f" \
         else pixels.astype(np.float64)
     try:
-        unit, value_range = to_unit(work)
+        unit, value_range = pixels_to_unit(work)
     except (ValueError, TypeError) as error:
         raise ImageError(f"{path}: {error}") from error
     return Radiograph(path, fmt, upright(unit, raster.orientation), raster=raster,
@@ -73,7 +74,7 @@ def write_radiograph(path: str | Path, source: Radiograph, unit: np.ndarray, kin
     if source.dicom is not None:
         return write_dicom(path, source.dicom, unit, kind, provenance, overwrite)
     raster = source.raster
-    values = from_unit(stored(unit, raster.orientation), source.value_range, raster.pixels.dtype)
+    values = unit_to_pixels(stored(unit, raster.orientation), source.value_range, raster.pixels.dtype)
     return write_image(path, values, overwrite=overwrite, fmt=source.format, like=raster)
 
 

@@ -1,8 +1,9 @@
-"""Paired training data in the original's layout: DIR/CXR/<name>.png and DIR/BS/<name>.png.
+"""Paired training data in the original's layout: DIR/CXR/<name> and DIR/BS/<name> (e.g. <name>.png).
 
 The split (train_set.txt / test_set.txt, one name per line, as the original repository) is made
-once with a seed and reused. Images are 8- or 16-bit, mapped to [0, 1] over their type's full range
-(as inference does), resized to the model's resolution, then to [-1, 1]. A file that cannot be read
+once with a seed and reused. Files are read and resized by `preprocess`, exactly as inference reads
+them (any supported format: 8/16-bit PNG over the type's full range, TIFF/JPEG upright, DICOM through
+its Modality/VOI LUTs with MONOCHROME1 inverted), then mapped to [-1, 1]. A file that cannot be read
 is reported by name and replaced by the next readable sample of the split, so an epoch never stops
 and every rank keeps the same batch shape (DDP needs that).
 """
@@ -22,8 +23,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Sampler
 
 from .._files import atomic_write
-from ..io.images import ImageError, is_image_path, read_image
-from ..suppressor import to_unit
+from ..io.formats import ImageError, is_image_path
+from ..preprocess import read_at_size, to_model_range
 
 logger = logging.getLogger(__name__)
 
@@ -110,23 +111,6 @@ def read_split(path: str | Path, data_dir: str | Path) -> list[str]:
     return names
 
 
-def resize(image: torch.Tensor, size: int) -> torch.Tensor:
-    """[..., H, W] -> [..., size, size]: bilinear, anti-aliased when shrinking (as Suppressor)."""
-    if tuple(image.shape[-2:]) == (size, size):
-        return image
-    shrinking = size < image.shape[-2] or size < image.shape[-1]
-    return F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=shrinking)
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """A radiograph as [1, size, size] float32 in [0, 1]."""
-    unit, _ = to_unit(read_image(path))
-    if not np.isfinite(unit).all():
-        raise ImageError(f"{path}: non-finite pixel values")
-    return resize(torch.from_numpy(unit)[None, None], size)[0]
-
-
 def _key(*parts: int) -> int:
     digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
@@ -188,13 +172,13 @@ class PairedDataset(Dataset):
 
     def load(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         name = self.names[index]
-        pair = torch.stack([load_image(self.root / CXR_DIR / name, self.size),
-                            load_image(self.root / BS_DIR / name, self.size)])
+        pair = torch.cat([read_at_size(self.root / CXR_DIR / name, self.size),
+                          read_at_size(self.root / BS_DIR / name, self.size)])
         if self.augment:
             pair = augment_pair(pair, sample_generator(self.seed, 1, self.epoch, index), *self.aug_args)
         if self.crop_size and self.crop_size < self.size:
             pair = random_crop(pair, self.crop_size, sample_generator(self.seed, 2, self.epoch, index))
-        pair = pair * 2.0 - 1.0
+        pair = to_model_range(pair)
         return pair[0], pair[1]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -29,6 +29,7 @@ from ..diffusion import Schedule
 from ..diffusion.conditioning import condition_scale, scale_condition
 from ..models import VQGAN, UNet
 from ..pipeline import Pipeline
+from ..preprocess import from_model_range
 from . import checkpoint
 from .config import TrainConfig
 from .data import sample_generator
@@ -84,9 +85,9 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_
     return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=config.gamma)
 
 
-def to_unit_numpy(images: torch.Tensor) -> list[np.ndarray]:
-    """[B, 1, S, S] in [-1, 1] -> list of [S, S] float64 in [0, 1]."""
-    return [((x[0].double().cpu().clamp(-1, 1) + 1) / 2).numpy() for x in images]
+def model_range_to_unit_numpy(images: torch.Tensor) -> list[np.ndarray]:
+    """[B, 1, S, S] in [-1, 1] -> list of [S, S] float64 in [0, 1], clipped: what the metrics take."""
+    return [from_model_range(x[0].double().cpu().clamp(-1, 1)).numpy() for x in images]
 
 
 class Stage:
@@ -192,7 +193,7 @@ class VQGANStage(Stage):
         self.vqgan.eval()
         recon = self.vqgan(bs.to(self.ctx.device)).float().cpu()
         self.vqgan.train()
-        preds, targets = to_unit_numpy(recon), to_unit_numpy(bs)
+        preds, targets = model_range_to_unit_numpy(recon), model_range_to_unit_numpy(bs)
         lp = self.metric_lpips()
         scores = [metrics.evaluate(p, t, lpips_model=lp, size=None).as_dict() for p, t in zip(preds, targets)]
         return [np.concatenate([t, p], axis=1) for t, p in zip(targets, preds)], scores
@@ -309,7 +310,7 @@ class LDMStage(Stage):
         seeds = [self.config.seed] * cxr.shape[0]
         pred = pipe.run(cxr.to(self.ctx.device), seeds, self.config.val_sampler,
                         self.config.val_steps).float().cpu()
-        c, t, p = to_unit_numpy(cxr), to_unit_numpy(bs), to_unit_numpy(pred)
+        c, t, p = (model_range_to_unit_numpy(x) for x in (cxr, bs, pred))
         lp = self.metric_lpips()
         scores = [metrics.evaluate(pi, ti, ci, lp, size=None).as_dict() for pi, ti, ci in zip(p, t, c)]
         return [np.concatenate([ci, pi, ti], axis=1) for ci, pi, ti in zip(c, p, t)], scores

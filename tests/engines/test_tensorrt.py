@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from bsldm_fast.config import preset
 from bsldm_fast.engines import quantize
 from bsldm_fast.engines.cache import EngineError
 from bsldm_fast.engines.graphs import GRAPH_NAMES, graph_spec
@@ -56,10 +57,11 @@ def test_calibration_images_load_at_model_resolution(tmp_path):
     rng = np.random.default_rng()
     write_image(tmp_path / "a.png", rng.integers(0, 256, (80, 70), dtype=np.uint8))
     write_image(tmp_path / "b.png", rng.integers(0, 65536, (64, 64), dtype=np.uint16))
-    images = quantize.load_calibration_images([tmp_path], 64)
+    config = preset("tiny").replace(image_size=64)
+    images = quantize.load_calibration_images([tmp_path], config)
     assert images.shape == (2, 1, 64, 64) and images.min() >= -1 and images.max() <= 1
     with pytest.raises(EngineError, match="calibration images: .*no such file"):
-        quantize.load_calibration_images([tmp_path / "none"], 64)
+        quantize.load_calibration_images([tmp_path / "none"], config)
 
 
 def test_fp8_without_modelopt_is_refused_clearly(tmp_path, monkeypatch):

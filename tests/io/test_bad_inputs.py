@@ -13,6 +13,7 @@ from dicom_factory import make_dicom
 from PIL import Image
 
 from bsldm_fast.io import MAX_PIXELS, MIN_SIDE, ImageError, Provenance, read_radiograph, write_image
+from bsldm_fast.io import formats as formats_module
 from bsldm_fast.io import images as images_module
 from bsldm_fast.io.radiograph import write_radiograph
 
@@ -150,7 +151,7 @@ def test_permission_denied_is_reported(tmp_path, monkeypatch):
     def denied(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(images_module, "open", denied, raising=False)
+    monkeypatch.setattr(formats_module, "open", denied, raising=False)
     with pytest.raises(ImageError, match="locked.png: permission denied"):
         read_radiograph(path)
 
