@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "node"))  # the peers the node's tests start, reused
 
-from peers import NodeProcess, Orthanc, make_cxr, missing, node_config, wait_for  # noqa: E402
+from peers import NodeProcess, Orthanc, make_cxr, missing, node_config, tool, wait_for  # noqa: E402
 
 from timing import lscpu, machine, machine_slug, write_new  # noqa: E402
 
@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         node.start()
         pid = node.process.pid
-        subprocess.run(["storescu", "-aec", "BSLDM_FAST", "127.0.0.1", str(node.port),
+        subprocess.run([tool("storescu"), "-aec", "BSLDM_FAST", "127.0.0.1", str(node.port),
                         *map(str, warmup)], check=True, capture_output=True)
         wait_for(lambda: orthanc.count_instances() == len(warmup), 600, "the warm-up batch")
         rss_start = _rss_mib(pid)
@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> dict:
         chunks = [files[i::args.senders] for i in range(args.senders)]
         load_start = os.getloadavg()
         start = time.time()
-        senders = [subprocess.Popen(["storescu", "-v", "-aec", "BSLDM_FAST", "127.0.0.1",
+        senders = [subprocess.Popen([tool("storescu"), "-v", "-aec", "BSLDM_FAST", "127.0.0.1",
                                      str(node.port), *map(str, chunk)],
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                    for chunk in chunks]

@@ -28,7 +28,7 @@ from torch import nn
 
 from ._files import atomic_write
 from .config import ModelConfig, preset, state_shapes
-from .io.images import describe_path
+from .io.formats import describe_path
 from .models import VQGAN, UNet
 
 logger = logging.getLogger(__name__)

@@ -18,10 +18,10 @@ import numpy as np
 import torch
 
 from . import modeldir, preprocess
-from .diffusion import SAMPLERS
 from .io.batch import BatchOptions, BatchResult, Outcome, run_batch, suppress_file
 from .io.dicom import Provenance
-from .pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
+from .diffusion.plan import DEFAULT_SAMPLER, resolve_steps
+from .precision import dtype_of
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +57,7 @@ class Suppressor:
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, seed: int = 0,
                  precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False,
                  backend: str = "auto"):
-        if sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}; choose one of {sorted(PRECISIONS)}")
+        dtype_of(precision)  # refuses an unknown precision before anything loads
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.config = model.config
@@ -68,7 +65,7 @@ class Suppressor:
         """Where the model came from: its directory, or 'random:<config>' for an untrained one."""
         self.is_random = model.is_random
         self.sampler = sampler
-        self.steps = DEFAULT_STEPS[sampler] if steps is None else int(steps)
+        self.steps = resolve_steps(sampler, steps)  # refuses an unknown sampler
         if not 1 <= self.steps <= self.config.diffusion.num_train_timesteps:
             raise ValueError(
                 f"steps must be in [1, {self.config.diffusion.num_train_timesteps}], got {self.steps}"

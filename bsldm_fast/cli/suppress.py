@@ -12,7 +12,7 @@ from ..engines.runners import BACKENDS
 from ..io import ImageError, find_images
 from ..io.batch import REPORT_NAME, BatchInterrupted, BatchOptions, prepare_output, run_batch
 from ..io.ranks import agree, broadcast
-from ..io.images import MAX_PIXELS, MAX_SIDE, MIN_SIDE
+from ..io.formats import MAX_PIXELS, MAX_SIDE, MIN_SIDE
 from ..modeldir import DEMO_DIR
 from ..pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, PRECISIONS
 

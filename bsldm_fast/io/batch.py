@@ -50,7 +50,8 @@ from tqdm import tqdm
 
 from .._files import atomic_write
 from .dicom import Provenance
-from .images import SUFFIXES, ImageError, Job, describe_path, find_images
+from .formats import SUFFIXES, ImageError, describe_path
+from .images import Job, find_images
 from .ranks import (MERGE_GRACE_S, SOLO, Group, Journal, agree, broadcast, journal_path,
                     read_journal, split, stale_journals, wait_for_journals)
 from .radiograph import Radiograph, bone_unit, read_radiograph, write_radiograph, write_review

@@ -21,11 +21,8 @@ from PIL import Image, UnidentifiedImageError
 
 from .._files import atomic_write
 from .dicom import read_dicom
-# Re-exported: callers have long found the limits, the error and sniffing here.
-from .formats import (  # noqa: F401
-    DICOM_SUFFIXES,
+from .formats import (
     LIMIT_TEXT,
-    MAX_FILE_BYTES,
     MAX_PIXELS,
     MAX_SIDE,
     MIN_SIDE,

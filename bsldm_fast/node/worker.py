@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ..io.dicom import Provenance, derived_dataset
-from ..io.images import ImageError
+from ..io.formats import ImageError
 from ..io.radiograph import Radiograph, bone_unit, read_radiograph
 from .spool import ItemState, Spool
 

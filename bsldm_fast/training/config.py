@@ -17,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..diffusion.plan import SAMPLERS
+from ..precision import dtype_of
+
 STAGES = ("vqgan", "ldm")
-PRECISIONS = ("fp32", "bf16", "fp16")
 PERCEPTUAL_ENV = "BSLDM_PERCEPTUAL_WEIGHTS"
 """Environment variable naming the LPIPS-VGG weights file when --perceptual-weights is not given."""
 
@@ -250,12 +252,11 @@ def validate(config: TrainConfig) -> None:
         raise ValueError("--data is required: a folder with CXR/ and BS/ subfolders")
     if config.stage == "ldm" and not config.vqgan:
         raise ValueError("the ldm stage needs --vqgan: a trained VQGAN (model dir, export, run or checkpoint)")
-    if config.precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {config.precision!r}; choose one of {PRECISIONS}")
+    dtype_of(config.precision)
     if config.condition_scaling not in ("none", "original"):
         raise ValueError("condition_scaling must be 'none' or 'original'")
-    if config.val_sampler not in ("ddpm", "ddim", "dpmpp"):
-        raise ValueError("val_sampler must be 'ddpm', 'ddim' or 'dpmpp'")
+    if config.val_sampler not in SAMPLERS:
+        raise ValueError(f"val_sampler must be one of {SAMPLERS}")
     for name in ("epochs", "batch_size", "grad_accum"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1")

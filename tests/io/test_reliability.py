@@ -169,9 +169,9 @@ def test_sniff_refuses_a_fifo_without_opening_it(tmp_path):
     os.mkfifo(tmp_path / "x.png")
     done = _python("""
         import sys
-        from bsldm_fast.io import ImageError, images
+        from bsldm_fast.io import ImageError, formats
         try:
-            images.sniff(sys.argv[1])  # opening it would block: the FIFO has no writer
+            formats.sniff(sys.argv[1])  # opening it would block: the FIFO has no writer
         except ImageError as error:
             print(error)
     """, tmp_path / "x.png", timeout=60)

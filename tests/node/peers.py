@@ -25,12 +25,21 @@ MODALITY_AE = "MODALITY"
 ORTHANC_AE = "ORTHANC"
 
 
+def tool(name: str) -> str | None:
+    """The path of dcmtk's or Orthanc's `name`. pynetdicom installs Python apps with dcmtk's names
+    (echoscu, storescu, storescp) into the environment's bin folder, which an activated venv puts
+    first on PATH; their options differ, so that folder is passed over."""
+    env_bin = Path(sys.prefix, "bin").resolve()
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and Path(p).resolve() != env_bin]
+    return shutil.which(name, path=os.pathsep.join(path))
+
+
 def missing(*tools: str) -> str | None:
     """Why a test cannot run here: the first tool not on PATH, with how to install it."""
-    for tool in tools:
-        if shutil.which(tool) is None:
-            package = "orthanc" if tool == "Orthanc" else "dcmtk"
-            return (f"{tool} is not installed (apt-get install {package}; scripts/test.sh installs "
+    for tool_name in tools:
+        if tool(tool_name) is None:
+            package = "orthanc" if tool_name == "Orthanc" else "dcmtk"
+            return (f"{tool_name} is not installed (apt-get install {package}; scripts/test.sh installs "
                     "it where apt-get works)")
     return None
 
@@ -118,7 +127,7 @@ def storescu(port: int, files, aet: str = MODALITY_AE, aec: str = NODE_AE,
              options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     """dcmtk storescu -v: the modality sending `files` to the node (over TLS with (key, cert),
     which is also the CA)."""
-    return subprocess.run(["storescu", "-v", *options, *_tls_flags(tls), "-aet", aet, "-aec", aec,
+    return subprocess.run([tool("storescu"), "-v", *options, *_tls_flags(tls), "-aet", aet, "-aec", aec,
                            "127.0.0.1", str(port), *map(str, files)], capture_output=True,
                           text=True, timeout=timeout)
 
@@ -137,7 +146,7 @@ def self_signed(folder: Path) -> tuple[Path, Path]:
 
 
 def echoscu(port: int, aet: str = MODALITY_AE, aec: str = NODE_AE) -> subprocess.CompletedProcess:
-    return subprocess.run(["echoscu", "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
+    return subprocess.run([tool("echoscu"), "-v", "-aet", aet, "-aec", aec, "127.0.0.1", str(port)],
                           capture_output=True, text=True, timeout=60)
 
 
@@ -148,7 +157,7 @@ class StoreSCP:
         self.folder, self.aet, self.port = folder, aet, free_port()
         folder.mkdir(parents=True, exist_ok=True)
         self.log = open(folder.parent / f"storescp-{self.port}.log", "w")
-        self.process = subprocess.Popen(["storescp", *_tls_flags(tls), "-aet", self.aet, "-od",
+        self.process = subprocess.Popen([tool("storescp"), *_tls_flags(tls), "-aet", self.aet, "-od",
                                          str(folder), str(self.port)], stdout=self.log,
                                         stderr=subprocess.STDOUT)
         wait_for(lambda: _listening(self.port), 20, f"storescp on port {self.port}")
@@ -205,7 +214,7 @@ class Orthanc:
 
     def start(self) -> "Orthanc":
         self.log = open(self.folder / "orthanc.log", "ab")
-        self.process = subprocess.Popen(["Orthanc", str(self.config)], stdout=self.log,
+        self.process = subprocess.Popen([tool("Orthanc"), str(self.config)], stdout=self.log,
                                         stderr=subprocess.STDOUT, cwd=self.folder)
         wait_for(self._up, 60, f"Orthanc on ports {self.dicom_port}/{self.http_port}")
         wait_for(lambda: _listening(self.dicom_port), 30, "Orthanc's DICOM port")
