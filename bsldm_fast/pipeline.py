@@ -31,7 +31,9 @@ from .config import ModelConfig
 from .diffusion import Schedule
 from .diffusion.noise import seed_tensor
 from .diffusion.plan import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Plan, make_plan, resolve_steps
-from .engines.runners import Runner, choose_backend, make_runner, tensorrt_unavailable
+from .engines import tuning
+from .engines.runners import (Runner, choose_backend, make_runner, make_stage_runner,
+                              tensorrt_unavailable)
 from .kernels.sampling import Buffers, run
 from .models import VQGAN, UNet
 from .precision import PRECISIONS
@@ -293,9 +295,18 @@ class Pipeline:
 def build_pipeline(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.device | str,
                    precision: str, backend: str = "auto", model_dir: str | Path | None = None,
                    compile_mode: str = "default") -> tuple[Pipeline, str]:
-    """(pipeline, chosen backend) for a user's choice of backend ('auto': TensorRT when it and
-    the engines are there, else torch-compile on CUDA, else eager torch on the CPU)."""
+    """(pipeline, chosen backend) for a user's choice of backend. 'auto': on CUDA, TensorRT when it
+    and the engines are there, else torch-compile; on the CPU, each network on its fastest checked
+    runner from the table `bsldm-fast tune` measured on this CPU (engines/tuning.py), else eager
+    torch."""
     device = torch.device(device)
+    if backend == "auto" and device.type == "cpu":
+        choice = tuning.fastest(model_dir, precision)
+        if choice is not None:
+            runner = make_stage_runner(config, vqgan, unet, choice, device, precision, model_dir=model_dir)
+            return Pipeline(config, runner, device), runner.name
+        logger.info("no CPU backend table for this CPU, model and precision %s: eager torch "
+                    "(`bsldm-fast tune MODEL_DIR` measures one)", precision)
     chosen = choose_backend(backend, device, lambda: tensorrt_unavailable(model_dir, precision, device))
     pipeline = Pipeline.create(config, vqgan, unet, device, precision, backend=chosen, model_dir=model_dir,
                                compile_mode=compile_mode)

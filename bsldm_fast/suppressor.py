@@ -46,10 +46,11 @@ class Suppressor:
     >>> s = Suppressor.from_pretrained("path/to/model")      # doctest: +SKIP
     >>> soft = s(cxr)            # 2-D uint8/uint16/float array -> same shape and dtype
 
-    `backend` picks what runs the networks: 'tensorrt' (cached engines, `bsldm-fast build-engine`),
-    'torch-compile' or 'torch', the first two in the CUDA-graph pipeline (pipeline.py);
-    'auto' takes TensorRT when it and the engines are there, else torch-compile on CUDA, else the
-    CPU path. On CUDA the first batch compiles (torch-compile: minutes for the paper model) and
+    `backend` picks what runs the networks (engines/runners.py): 'tensorrt' (cached engines,
+    `bsldm-fast build-engine`; CUDA), 'torch-compile', 'torch' or 'openvino' (CPU). 'auto' takes,
+    on CUDA, TensorRT when it and the engines are there, else torch-compile; on the CPU, each
+    network's fastest checked runner from the table `bsldm-fast tune` measured on this CPU, else
+    torch. On CUDA the first batch compiles (torch-compile: minutes for the paper model) and
     captures a CUDA graph, which later batches replay; a smaller last batch is padded into it.
     """
 
@@ -78,7 +79,8 @@ class Suppressor:
         self.pipeline, self.backend = build_pipeline(
             model.config, model.vqgan, model.unet, resolve_device(device), precision, backend,
             model_dir=None if model.is_random else model.source)
-        """What runs the networks: 'tensorrt', 'torch-compile' or 'torch' ('auto' resolved)."""
+        """What runs the networks ('auto' resolved): 'tensorrt', 'torch-compile', 'torch',
+        'openvino', or per network ('encoder=openvino,unet=torch,decoder=openvino')."""
 
     @classmethod
     def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "auto",

@@ -185,7 +185,6 @@ def test_auto_backend_on_the_cpu_is_the_cpu_pipeline(tiny_model):
 
 @pytest.mark.parametrize("backend, error, message", [
     ("onnx", ValueError, "unknown backend"),
-    ("torch-compile", ValueError, "needs a CUDA device"),
     ("tensorrt", RuntimeError, "backend 'tensorrt' cannot run"),
 ])
 def test_backends_that_cannot_run_on_the_cpu_are_refused(tiny_model, backend, error, message):

@@ -11,9 +11,9 @@ import logging
 import sys
 
 from .. import __version__
-from . import build_engine, convert, eval, export, formats, serve, suppress
+from . import build_engine, convert, eval, export, formats, serve, suppress, tune
 
-COMMANDS = (suppress, convert, eval, export, build_engine, formats, serve)
+COMMANDS = (suppress, convert, eval, export, build_engine, formats, serve, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

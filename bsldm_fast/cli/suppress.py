@@ -68,10 +68,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="precision of the U-Net and the VQGAN's encoder and decoder (default fp32); "
                         "the codebook search and the sampler state stay float32")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`), "
-                        "torch-compile or torch, the first two on CUDA in a CUDA-graph pipeline; auto "
-                        "(default): TensorRT when it and the engines are there, else torch-compile "
-                        "on CUDA, else the CPU path")
+                   help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`; "
+                        "CUDA), torch-compile, torch, or openvino (CPU; the `openvino` extra); on "
+                        "CUDA in a CUDA-graph pipeline. auto (default): on CUDA TensorRT when it and "
+                        "the engines are there, else torch-compile; on the CPU each network on its "
+                        "fastest runner measured by `bsldm-fast tune MODEL`, else torch")
     p.add_argument("--offset-noise", action="store_true",
                    help="start from offset noise (eps + 0.1 eps_c, as in training) instead of plain "
                         "Gaussian noise, as the original sampler does; only for ddpm (the quality "

@@ -162,6 +162,61 @@ class TensorRTRunner:
         return self.engines.vqgan.decode(latents)
 
 
+class StageRunner:
+    """Each network on the runner of its own backend: what `backend="auto"` builds on the CPU from
+    the table `bsldm-fast tune` measured (engines/tuning.py)."""
+
+    def __init__(self, runners: dict[str, Runner]):
+        missing = set(NETWORKS) - set(runners)
+        if missing:
+            raise ValueError(f"no runner for {sorted(missing)}")
+        self.runners = runners
+        self.name = ",".join(f"{network}={runners[network].name}" for network in NETWORKS)
+        self.precision = runners["unet"].precision
+        self.codes = next((r.codes for r in runners.values() if r.codes is not None), None)
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return self.runners["encoder"].encode(images)
+
+    def denoise(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.runners["unet"].denoise(u, t)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.runners["decoder"].decode(latents)
+
+
+def make_stage_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, choice: dict[str, str],
+                      device: torch.device | str = "cpu", precision: str = "fp32", *,
+                      step_backend: str = "auto", model_dir: str | Path | None = None) -> StageRunner:
+    """A `StageRunner` with network -> backend `choice`; one runner per distinct backend."""
+    built = {backend: make_runner(config, vqgan, unet, device, precision, backend, step_backend=step_backend,
+                                  model_dir=model_dir, freeze=("unet",) if backend == "torch-compile" else ())
+             for backend in sorted(set(choice.values()))}
+    return StageRunner({network: built[choice[network]] for network in NETWORKS})
+
+
+def backend_unavailable(backend: str, device: torch.device) -> str | None:
+    """Why a runner backend cannot run on `device` (None: it can), TensorRT aside (its engines
+    belong to a model directory: `tensorrt_unavailable`)."""
+    if backend == "torch":
+        return None
+    if backend == "torch-compile":
+        try:
+            import torch._inductor  # noqa: F401
+        except Exception as error:  # noqa: BLE001 - any import failure means no inductor
+            return f"torch inductor is unavailable: {error}"
+        return None
+    if backend == "openvino":
+        if device.type != "cpu":
+            return f"OpenVINO runs here on the CPU, not on {device}"
+        try:
+            from .openvino import openvino_unavailable
+        except ImportError as error:
+            return f"the OpenVINO runner is not part of this build: {error}"
+        return openvino_unavailable()
+    return f"unknown backend {backend!r}"
+
+
 def make_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.device | str = "cpu",
                 precision: str = "fp32", backend: str = "torch", *, step_backend: str = "auto",
                 model_dir: str | Path | None = None, compile_mode: str = "default",
@@ -232,7 +287,8 @@ def choose_backend(backend: str, device: torch.device,
         reason = tensorrt_reason()
         if reason is not None:
             raise EngineError(f"backend 'tensorrt' cannot run: {reason}")
-    if backend == "torch-compile" and device.type != "cuda":
-        raise ValueError("backend 'torch-compile' compiles the networks into the CUDA-graph "
-                         f"pipeline and needs a CUDA device, not {device}; use backend 'torch'")
+    if backend in ("torch-compile", "openvino"):
+        reason = backend_unavailable(backend, device)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot run: {reason}")
     return backend

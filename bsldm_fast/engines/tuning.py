@@ -1,0 +1,189 @@
+"""`backend="auto"` on the CPU: for each network, the fastest runner measured on this CPU.
+
+What runs fastest depends on the CPU (AMX, AVX-512 BF16/VNNI or neither), the library versions,
+the model's size and the precision, so it is measured, not guessed: `bsldm-fast tune MODEL_DIR`
+times every installed CPU runner (eager torch, torch.compile, OpenVINO) on each network (the VQ
+encoder, the U-Net, the VQ decoder) after checking its output against the float32 eager reference
+within the precision's bound, and writes the table to MODEL_DIR/engines/cpu-backends.json, keyed
+by the CPU's model name and flags, the versions and the weights. `backend="auto"` then runs each
+network on its fastest checked runner (`runners.StageRunner`); without a table for this CPU and
+precision it runs eager torch and logs how to make one. A runner that fails its check is
+recorded with its error and never chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from .._files import atomic_write
+from ..modeldir import Model
+
+logger = logging.getLogger(__name__)
+
+TABLE_FILE = "cpu-backends.json"
+NETWORKS = ("encoder", "unet", "decoder")
+CPU_BACKENDS = ("torch", "torch-compile", "openvino")
+REL_MAX_ERROR = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
+"""max |out - ref| / max |ref| against the float32 eager output. bf16 keeps 8 significant bits
+(2e-3 per operation); through the U-Net the eager bf16 error is ~1e-2. A wrong layout or a lost
+code lands far above these (benchmarks/checks.py uses the same bounds)."""
+
+
+def cpu_key() -> dict[str, str]:
+    """What a measurement holds for: the CPU model and flags, the runtimes' versions."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("model name", "flags") and name.strip() not in fields:
+                fields[name.strip()] = value.strip()
+    except OSError:
+        fields["model name"] = platform.processor()
+    key = {"cpu": fields.get("model name", ""), "flags": fields.get("flags", ""),
+           "torch": torch.__version__, "bsldm_fast": __version__}
+    try:
+        import openvino
+
+        key["openvino"] = openvino.__version__
+    except ImportError:
+        key["openvino"] = ""
+    return key
+
+
+@dataclass(frozen=True)
+class Measurement:
+    network: str
+    backend: str
+    precision: str
+    batch: int
+    seconds: float | None
+    """Median of the timed calls; None when the runner could not run or failed its check."""
+    rel_error: float | None
+    """max |out - ref| / max |ref| against float32 eager torch."""
+    note: str = ""
+
+
+def _inputs(model: Model, batch: int, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, ...]]:
+    config = model.config
+    s, h, c = config.image_size, config.latent_size, config.diffusion.latent_channels
+    images = torch.rand((batch, 1, s, s), generator=generator) * 2 - 1
+    u = torch.randn((batch, 2 * c, h, h), generator=generator)
+    t = torch.full((batch,), 500, dtype=torch.int64)
+    return {"encoder": (images,), "unet": (u, t), "decoder": (torch.randn((batch, c, h, h), generator=generator),)}
+
+
+def _call(runner, network: str) -> Callable[..., torch.Tensor]:
+    return {"encoder": runner.encode, "unet": runner.denoise, "decoder": runner.decode}[network]
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
+
+
+def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str] = CPU_BACKENDS,
+            repeats: int = 3, model_dir: str | Path | None = None,
+            progress: Callable[[str], None] | None = None) -> list[Measurement]:
+    """Each backend's seconds per call of each network, after its accuracy check."""
+    from .runners import backend_unavailable, make_runner
+
+    inputs = _inputs(model, batch, torch.Generator().manual_seed(0))
+    reference = make_runner(model.config, model.vqgan, model.unet, "cpu", "fp32", "torch")
+    with torch.inference_mode():
+        expected = {n: _call(reference, n)(*inputs[n]) for n in NETWORKS}
+    results = []
+    for backend in backends:
+        why = backend_unavailable(backend, torch.device("cpu"))
+        if why is not None:
+            results += [Measurement(n, backend, precision, batch, None, None, why) for n in NETWORKS]
+            continue
+        runner = make_runner(model.config, model.vqgan, model.unet, "cpu", precision, backend,
+                             model_dir=model_dir, freeze=("unet",))
+        for network in NETWORKS:
+            call = _call(runner, network)
+            with torch.inference_mode():
+                try:
+                    out = call(*inputs[network])  # the warm-up: compiles what compiles lazily
+                except Exception as error:  # noqa: BLE001 - any failure disqualifies the runner
+                    results.append(Measurement(network, backend, precision, batch, None, None,
+                                               f"{type(error).__name__}: {error}"))
+                    continue
+                error = _rel_error(out, expected[network])
+                if error > REL_MAX_ERROR[precision]:
+                    results.append(Measurement(network, backend, precision, batch, None, error,
+                                               f"output off by {error:.3g} > {REL_MAX_ERROR[precision]}"))
+                    continue
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    call(*inputs[network])
+                    times.append(time.perf_counter() - start)
+            results.append(Measurement(network, backend, precision, batch, statistics.median(times), error))
+            if progress is not None:
+                progress(f"{network} {backend} {precision}: {statistics.median(times):.3f} s "
+                         f"(error {error:.2g})")
+    return results
+
+
+def _weights_key(model_dir: Path) -> str:
+    from .cache import model_hash
+
+    return model_hash(model_dir)
+
+
+def write_table(model_dir: str | Path, measurements: Sequence[Measurement]) -> Path:
+    """Merge the measurements into MODEL_DIR/engines/cpu-backends.json (other precisions kept)."""
+    model_dir = Path(model_dir)
+    path = model_dir / "engines" / TABLE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = {**cpu_key(), "weights": _weights_key(model_dir)}
+    rows = []
+    old = _read(path)
+    if old is not None and old.get("key") == key:
+        precisions = {m.precision for m in measurements}
+        rows = [r for r in old["rows"] if r["precision"] not in precisions]
+    rows += [asdict(m) for m in measurements]
+    text = json.dumps({"key": key, "rows": rows}, indent=1) + "\n"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def fastest(model_dir: str | Path | None, precision: str, batch: int = 1) -> dict[str, str] | None:
+    """network -> the fastest checked backend, from the table measured on this CPU for these
+    weights and versions at this precision; None when there is none (or it is stale)."""
+    if model_dir is None:
+        return None
+    model_dir = Path(model_dir)
+    table = _read(model_dir / "engines" / TABLE_FILE)
+    if table is None:
+        return None
+    if table.get("key") != {**cpu_key(), "weights": _weights_key(model_dir)}:
+        logger.info("the CPU backend table of %s was measured elsewhere (or for other weights or "
+                    "versions); rerun `bsldm-fast tune`", model_dir)
+        return None
+    choice = {}
+    for network in NETWORKS:
+        timed = [r for r in table["rows"] if r["network"] == network and r["precision"] == precision
+                 and r["batch"] == batch and r["seconds"] is not None]
+        if not timed:
+            return None
+        choice[network] = min(timed, key=lambda r: r["seconds"])["backend"]
+    return choice
