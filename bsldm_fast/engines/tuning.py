@@ -33,10 +33,28 @@ logger = logging.getLogger(__name__)
 TABLE_FILE = "cpu-backends.json"
 NETWORKS = ("encoder", "unet", "decoder")
 CPU_BACKENDS = ("torch", "torch-compile", "openvino")
-REL_MAX_ERROR = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
-"""max |out - ref| / max |ref| against the float32 eager output. bf16 keeps 8 significant bits
-(2e-3 per operation); through the U-Net the eager bf16 error is ~1e-2. A wrong layout or a lost
-code lands far above these (benchmarks/checks.py uses the same bounds)."""
+REL_MAX_ERROR = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2, "int8": 1e-1}
+"""max |out - ref| / max |ref| against the float32 eager output, for the U-Net and the decoder.
+bf16 keeps 8 significant bits (2e-3 per operation); through the U-Net the eager bf16 error is
+~1e-2. A wrong layout lands far above these (benchmarks/checks.py uses the same bounds). int8
+quantises activations per tensor to 8 bits: this only catches a broken graph; whether its images
+are good enough is the held-out quality gate's verdict (engines/int8.py)."""
+MAX_CODE_FLIPS = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1, "int8": 0.1}
+"""The encoder's output is quantised: a rounding difference can move a latent vector that sits
+near the boundary of two codes to the other code, a jump of a whole code distance. So the encoder
+is judged by the share of latent positions whose code differs from float32's: a few near-ties
+(bf16 on the `tiny` random model, whose codebook is random: 1-2 %), never a layout error (~all)."""
+
+
+def check(network: str, out: torch.Tensor, ref: torch.Tensor, precision: str) -> tuple[bool, float, str]:
+    """(passed, value, what was measured) of a network's output against float32 eager torch."""
+    if out.shape != ref.shape:
+        return False, float("inf"), f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}"
+    if network == "encoder":
+        flips = float((out != ref).any(dim=1).float().mean())
+        return flips <= MAX_CODE_FLIPS[precision], flips, f"share of changed codes {flips:.3g}"
+    error = _rel_error(out, ref)
+    return error <= REL_MAX_ERROR[precision], error, f"max error / max |ref| {error:.3g}"
 
 
 def cpu_key() -> dict[str, str]:
@@ -69,7 +87,7 @@ class Measurement:
     seconds: float | None
     """Median of the timed calls; None when the runner could not run or failed its check."""
     rel_error: float | None
-    """max |out - ref| / max |ref| against float32 eager torch."""
+    """The `check` value against float32 eager torch (the encoder: share of changed codes)."""
     note: str = ""
 
 
@@ -119,10 +137,10 @@ def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str
                     results.append(Measurement(network, backend, precision, batch, None, None,
                                                f"{type(error).__name__}: {error}"))
                     continue
-                error = _rel_error(out, expected[network])
-                if error > REL_MAX_ERROR[precision]:
+                passed, error, what = check(network, out, expected[network], precision)
+                if not passed:
                     results.append(Measurement(network, backend, precision, batch, None, error,
-                                               f"output off by {error:.3g} > {REL_MAX_ERROR[precision]}"))
+                                               f"output off: {what}"))
                     continue
                 times = []
                 for _ in range(repeats):
