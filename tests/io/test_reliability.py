@@ -245,8 +245,12 @@ _SLOW_RUN = """
     from pathlib import Path
     from bsldm_fast.io import BatchOptions, Provenance, run_batch
     def slow(units):
+        # Holds the folder until the test has run its second command (not a fixed time: under
+        # load a second Python start-up can outlast any sleep).
         Path(sys.argv[3]).touch()
-        time.sleep(0.4)
+        deadline = time.monotonic() + 120
+        while not Path(sys.argv[4]).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         return [u * 0.75 for u in units]
     result = run_batch(slow, Provenance("m", "ddim", 3, 0, "0"), [sys.argv[1]], sys.argv[2],
                        BatchOptions(progress=False), batch_size=1)
@@ -256,10 +260,10 @@ _SLOW_RUN = """
 
 def test_a_second_run_into_a_busy_folder_is_refused_and_the_report_stays_true(tmp_path):
     inputs = _images(tmp_path / "in", [f"{i}.png" for i in range(9)])
-    out, started = tmp_path / "out", tmp_path / "started"
+    out, started, release = tmp_path / "out", tmp_path / "started", tmp_path / "release"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_RUN), str(inputs),
-                              str(out), str(started)], stdout=subprocess.PIPE,
+                              str(out), str(started), str(release)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -272,6 +276,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_the_report_stays_true(tm
             sys.exit(main(["suppress", sys.argv[1], "-o", sys.argv[2], "--model", "random:tiny",
                            "--skip-existing"]))
         """, inputs, out, timeout=120)
+        release.touch()
         stdout, stderr = first.communicate(timeout=120)
     finally:
         first.kill()
