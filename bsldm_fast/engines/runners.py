@@ -166,7 +166,7 @@ def make_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.dev
                 precision: str = "fp32", backend: str = "torch", *, step_backend: str = "auto",
                 model_dir: str | Path | None = None, compile_mode: str = "default",
                 freeze: Collection[str] = ()) -> Runner:
-    """The runner of `backend` ('torch', 'torch-compile' or 'tensorrt'; not 'auto', see
+    """The runner of `backend` ('torch', 'torch-compile', 'tensorrt' or 'openvino'; not 'auto', see
     `choose_backend`): the one place that decides how the networks run."""
     if backend in ("torch", "torch-compile"):
         return TorchRunner(config, vqgan, unet, device, precision, step_backend,
@@ -175,16 +175,21 @@ def make_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.dev
         if model_dir is None:
             raise ValueError("TensorRT engines belong to a model directory: pass model_dir")
         return TensorRTRunner(model_dir, precision, device, codes=vqgan.quantizer.embedding.weight)
+    if backend == "openvino":
+        from .openvino import OpenVINORunner
+
+        return OpenVINORunner(config, vqgan, unet, precision, model_dir, device, step_backend)
     raise ValueError(f"unknown runner backend {backend!r}; choose one of {BACKENDS[1:]}")
 
 
 # Choosing what runs the networks --------------------------------------------------------------
 
-BACKENDS = ("auto", "tensorrt", "torch-compile", "torch")
+BACKENDS = ("auto", "tensorrt", "torch-compile", "torch", "openvino")
 """'tensorrt': cached engines in the graph pipeline; 'torch-compile': torch.compile'd networks in the
 graph pipeline (CUDA); 'torch': eager networks, in the graph pipeline on CUDA and in
-`pipeline.Pipeline` on the CPU; 'auto': TensorRT when it and the engines are there, else
-torch-compile on CUDA, else the CPU path."""
+`pipeline.Pipeline` on the CPU; 'openvino': OpenVINO-compiled networks on the CPU (asked for by
+name only); 'auto': TensorRT when it and the engines are there, else torch-compile on CUDA, else
+the CPU path."""
 
 
 def tensorrt_unavailable(model_dir: str | Path | None, precision: str, device: torch.device,
@@ -232,6 +237,12 @@ def choose_backend(backend: str, device: torch.device,
         reason = tensorrt_reason()
         if reason is not None:
             raise EngineError(f"backend 'tensorrt' cannot run: {reason}")
+    if backend == "openvino":
+        from .openvino import openvino_unavailable
+
+        reason = openvino_unavailable(device)
+        if reason is not None:
+            raise EngineError(f"backend 'openvino' cannot run: {reason}")
     if backend == "torch-compile" and device.type != "cuda":
         raise ValueError("backend 'torch-compile' compiles the networks into the CUDA-graph "
                          f"pipeline and needs a CUDA device, not {device}; use backend 'torch'")
