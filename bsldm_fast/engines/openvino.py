@@ -39,7 +39,8 @@ from .._files import atomic_write
 from ..config import ModelConfig
 from ..models import VQGAN, UNet
 from ..models.unet import timestep_embedding
-from .cache import ENGINE_DIR, EngineError, differences, manifest_path, model_hash, read_manifest, write_manifest
+from .cache import (ENGINE_DIR, EngineError, differences, manifest_path, model_hash, read_manifest,
+                    write_manifest)
 from .graphs import GRAPH_NAMES, GraphSpec, graph_spec
 
 if TYPE_CHECKING:  # openvino is an optional dependency (the `openvino` extra), imported where used
@@ -87,16 +88,15 @@ def openvino_unavailable(device: torch.device | str = "cpu") -> str | None:
 
 def cpu_identity() -> tuple[str, str]:
     """(CPU model name, digest of its instruction-set flags): what a compiled blob is specific to."""
-    name, flags = platform.processor() or platform.machine(), ""
+    fields: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "model name" and name in ("", platform.machine(), platform.processor()):
-                name = value.strip()
-            elif key.strip() in ("flags", "Features") and not flags:
-                flags = " ".join(sorted(value.split()))
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = " ".join(sorted((fields.get("flags") or fields.get("Features") or "").split()))
     return name, hashlib.sha256(flags.encode()).hexdigest()[:16]
 
 
@@ -157,7 +157,11 @@ def ensure_compiled(model_dir: str | Path, key: OpenVINOKey, build) -> tuple["op
     properties = _properties(key.precision)
     file = cache_dir(model_dir) / key.file_name()
     if file.is_file() and read_manifest(file, OpenVINOKey) == key:
-        return core.import_model(file.read_bytes(), "CPU", properties), False
+        try:
+            return core.import_model(file.read_bytes(), "CPU", properties), False
+        except RuntimeError as error:
+            logger.warning("rebuilding the OpenVINO %s (%s, batch %d) of %s: %s does not load (%s)",
+                           key.graph, key.precision, key.batch, model_dir, file.name, error)
     stale = [(f, old) for f, old in _cached(model_dir) if f != file and old.same_target(key)]
     if stale:
         logger.info("rebuilding the OpenVINO %s (%s, batch %d) of %s: %s", key.graph, key.precision,
@@ -178,7 +182,8 @@ def ensure_compiled(model_dir: str | Path, key: OpenVINOKey, build) -> tuple["op
 
 def _properties(precision: str) -> dict[str, str]:
     if precision not in OPENVINO_PRECISIONS:
-        raise ValueError(f"OpenVINO precision must be one of {sorted(OPENVINO_PRECISIONS)}, got {precision!r}")
+        raise ValueError(f"OpenVINO precision must be one of {sorted(OPENVINO_PRECISIONS)}, "
+                         f"got {precision!r}")
     return {"INFERENCE_PRECISION_HINT": OPENVINO_PRECISIONS[precision], **COMPILE_PROPERTIES}
 
 
@@ -229,7 +234,8 @@ def split_model(model: "openvino.Model", graph: str) -> "openvino.Model":
     raise ValueError(f"unknown graph {graph!r}; choose one of {GRAPH_NAMES}")
 
 
-def compile_graph(source, graph: str, spec: GraphSpec, batch: int, precision: str) -> "openvino.CompiledModel":
+def compile_graph(source, graph: str, spec: GraphSpec, batch: int,
+                  precision: str) -> "openvino.CompiledModel":
     """Compile an ONNX graph (a file path or an in-memory onnx.ModelProto) for the CPU at one batch
     size: read, reshape to static shapes, split (`split_model`), compile in `precision`."""
     ov = openvino_module()

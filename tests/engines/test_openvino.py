@@ -20,6 +20,7 @@ the tiny, small and bundled demo models (OpenVINO 2026.4.1, an AVX-512 BF16 CPU)
 import copy
 import importlib.util
 import logging
+import zlib
 
 import pytest
 import torch
@@ -27,6 +28,7 @@ import torch
 from bsldm_fast.engines.cache import EngineError
 from bsldm_fast.engines.graphs import GRAPH_NAMES, graph_spec
 from bsldm_fast.engines.onnx_export import CHECK_TOLERANCE, relative_error, torch_reference
+from bsldm_fast.engines.openvino import runtime_precisions
 from bsldm_fast.engines.runners import choose_backend, make_runner
 from bsldm_fast.models.latent import LatentEncoder
 from bsldm_fast.pipeline import Pipeline
@@ -34,6 +36,12 @@ from bsldm_fast.pipeline import Pipeline
 needs_openvino = pytest.mark.skipif(
     importlib.util.find_spec("openvino") is None or importlib.util.find_spec("onnx") is None,
     reason="OpenVINO or onnx is not installed: pip install 'bsldm-fast[openvino]'")
+
+def _has_bf16() -> bool:
+    import openvino
+
+    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
 
 BF16_BOUND = {"unet": 2e-2, "decoder": 2e-2, "encoder": 2e-2}
 
@@ -66,6 +74,9 @@ def test_fp32_graphs_match_pytorch(runners, tiny_model, graph, gen):
     feeds = _feeds(tiny_model, graph, 3, gen)
     out = _call(runners["fp32"], graph, feeds)
     assert out.dtype == torch.float32
+    # The CPU plugin's default hint is bf16 on CPUs that have it: 'fp32' must turn it off.
+    compiled = runners["fp32"].request(graph, 3).get_compiled_model()
+    assert "bf16" not in {precision for _, precision in runtime_precisions(compiled)}
     assert relative_error(out.numpy(), torch_reference(graph, tiny_model, feeds).numpy()) <= CHECK_TOLERANCE
 
 
@@ -75,6 +86,9 @@ def test_bf16_graphs_match_pytorch(runners, tiny_model, graph, gen):
     feeds = _feeds(tiny_model, graph, 3, gen)
     out = _call(runners["bf16"], graph, feeds)
     assert out.dtype == torch.float32
+    if _has_bf16():
+        compiled = runners["bf16"].request(graph, 3).get_compiled_model()
+        assert runtime_precisions(compiled).get(("Convolution", "bf16"), 0) > 0
     assert relative_error(out.numpy(), torch_reference(graph, tiny_model, feeds).numpy()) <= BF16_BOUND[graph]
 
 
@@ -111,20 +125,27 @@ def test_timestep_input_stays_for_condition_scaling(tiny_model, gen):
     assert "t" in {n for i in runner.request("unet", 2).model_inputs for n in i.get_names()}
 
 
-@needs_openvino
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_pipeline_matches_fp32_torch(runners, tiny_model, precision, gen):
+@pytest.fixture(scope="module")
+def sampled(tiny_model):
+    """Inputs, seeds and the fp32 PyTorch pipeline's output (shared: 10 U-Net steps each)."""
     config = tiny_model.config
-    reference = Pipeline.create(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32")
-    pipeline = Pipeline(config, runners[precision], "cpu")
+    gen = torch.Generator().manual_seed(zlib.crc32(__name__.encode()))
     images = torch.rand(2, 1, config.image_size, config.image_size, generator=gen) * 2 - 1
     seeds = [int(s) for s in torch.randint(0, 2**31, (2,), generator=gen)]
-    expected = reference.run(images, seeds).numpy()
+    reference = Pipeline.create(config, tiny_model.vqgan, tiny_model.unet, "cpu", "fp32")
+    return images, seeds, reference.run(images, seeds).numpy()
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_pipeline_matches_fp32_torch(runners, tiny_model, sampled, precision):
+    images, seeds, expected = sampled
+    pipeline = Pipeline(tiny_model.config, runners[precision], "cpu")
     error = relative_error(pipeline.run(images, seeds).numpy(), expected)
     if precision == "fp32":
         assert error <= CHECK_TOLERANCE
     else:
-        torch_bf16 = Pipeline.create(config, tiny_model.vqgan, tiny_model.unet, "cpu", "bf16")
+        torch_bf16 = Pipeline.create(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "bf16")
         assert error <= 2 * relative_error(torch_bf16.run(images, seeds).numpy(), expected) + 1e-2
 
 
@@ -147,14 +168,18 @@ def test_cache_reuses_and_rebuilds_on_new_weights(tiny_model, tmp_path, gen, cap
     assert torch.equal(second.decode(latents), out)
     assert not second.built[("decoder", 2)]
 
+    blobs[0].write_bytes(b"not a compiled model")  # an unreadable blob is rebuilt, not fatal
+    third = OpenVINORunner(config, tiny_model.vqgan, tiny_model.unet, "fp32", directory)
+    assert torch.equal(third.decode(latents), out) and third.built[("decoder", 2)]
+
     vqgan = copy.deepcopy(tiny_model.vqgan)
     with torch.no_grad():
         next(vqgan.decoder.parameters()).mul_(1.5)
     modeldir.save(directory, config, vqgan, tiny_model.unet, overwrite=True)
-    third = OpenVINORunner(config, vqgan, tiny_model.unet, "fp32", directory)
+    fourth = OpenVINORunner(config, vqgan, tiny_model.unet, "fp32", directory)
     with caplog.at_level(logging.INFO, logger="bsldm_fast.engines.openvino"):
-        changed = third.decode(latents)
-    assert third.built[("decoder", 2)]
+        changed = fourth.decode(latents)
+    assert fourth.built[("decoder", 2)]
     assert "rebuilding the OpenVINO decoder" in caplog.text and "weights or config changed" in caplog.text
     assert [p.name for p in cache_dir(directory).glob("*.blob")] != [blobs[0].name]
     assert len(list(cache_dir(directory).glob("*.blob"))) == 1
