@@ -26,6 +26,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,8 +263,8 @@ def runtime_precisions(compiled: "openvino.CompiledModel") -> dict[tuple[str, st
 class OpenVINORunner:
     """The three networks as OpenVINO models compiled for the CPU, one per (graph, batch size),
     compiled on first use: from the model directory's cached fp32 ONNX graphs (and then cached
-    there, `ensure_compiled`), or, for a model without a directory, from graphs exported in memory
-    and compiled uncached. `precision` is OpenVINO's inference-precision hint ('fp32' or 'bf16');
+    there, `ensure_compiled`), or, for a model without a (writable) directory, from graphs exported
+    in memory and compiled uncached. `precision` is OpenVINO's inference-precision hint ('fp32' or 'bf16');
     see the module docstring for what stays float32."""
 
     def __init__(self, config: ModelConfig, vqgan: VQGAN, unet: UNet, precision: str = "fp32",
@@ -279,6 +280,10 @@ class OpenVINORunner:
         self.device = torch.device("cpu")
         self.step_backend = kernels.resolve(step_backend, self.device)
         self.model_dir = None if model_dir is None else Path(model_dir)
+        if self.model_dir is not None and not os.access(self.model_dir, os.W_OK):
+            logger.warning("%s is read-only: compiling the OpenVINO models there without caching them",
+                           self.model_dir)
+            self.model_dir = None
         self.vqgan, self.unet = vqgan, unet
         self.codes = vqgan.quantizer.embedding.weight.detach().to("cpu", torch.float32).contiguous()
         self._requests: dict[tuple[str, int], "openvino.InferRequest"] = {}
