@@ -97,6 +97,8 @@ setup(
     extras_require={
         "train": ["pyyaml"],
         "onnx": ["onnx", "onnxruntime"],
+        # `--backend openvino`: the networks compiled by OpenVINO for the CPU (engines/openvino.py).
+        "openvino": ["openvino==2026.4.1", "onnx"],
         "bench": ["matplotlib", "pytest-benchmark"],
         # `bsldm-fast serve`, the DICOM node (bsldm_fast/node).
         "node": ["pynetdicom>=2.1"],
@@ -106,7 +108,7 @@ setup(
         "test": [
             "pytest", "pytest-benchmark", "hypothesis", "pyyaml", "tifffile", "scikit-image",
             "onnx", "onnxruntime", "diffusers", "guided-diffusion-sdk", "matplotlib",
-            "pynetdicom>=2.1",
+            "pynetdicom>=2.1", "openvino==2026.4.1",
             "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },

@@ -207,13 +207,9 @@ def backend_unavailable(backend: str, device: torch.device) -> str | None:
             return f"torch inductor is unavailable: {error}"
         return None
     if backend == "openvino":
-        if device.type != "cpu":
-            return f"OpenVINO runs here on the CPU, not on {device}"
-        try:
-            from .openvino import openvino_unavailable
-        except ImportError as error:
-            return f"the OpenVINO runner is not part of this build: {error}"
-        return openvino_unavailable()
+        from .openvino import openvino_unavailable
+
+        return openvino_unavailable(device)
     return f"unknown backend {backend!r}"
 
 
@@ -221,7 +217,7 @@ def make_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.dev
                 precision: str = "fp32", backend: str = "torch", *, step_backend: str = "auto",
                 model_dir: str | Path | None = None, compile_mode: str = "default",
                 freeze: Collection[str] = ()) -> Runner:
-    """The runner of `backend` ('torch', 'torch-compile' or 'tensorrt'; not 'auto', see
+    """The runner of `backend` ('torch', 'torch-compile', 'tensorrt' or 'openvino'; not 'auto', see
     `choose_backend`): the one place that decides how the networks run."""
     if backend in ("torch", "torch-compile"):
         return TorchRunner(config, vqgan, unet, device, precision, step_backend,
@@ -230,16 +226,20 @@ def make_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.dev
         if model_dir is None:
             raise ValueError("TensorRT engines belong to a model directory: pass model_dir")
         return TensorRTRunner(model_dir, precision, device, codes=vqgan.quantizer.embedding.weight)
+    if backend == "openvino":
+        from .openvino import OpenVINORunner
+
+        return OpenVINORunner(config, vqgan, unet, precision, model_dir, device, step_backend)
     raise ValueError(f"unknown runner backend {backend!r}; choose one of {BACKENDS[1:]}")
 
 
 # Choosing what runs the networks --------------------------------------------------------------
 
-BACKENDS = ("auto", "tensorrt", "torch-compile", "torch")
-"""'tensorrt': cached engines in the graph pipeline; 'torch-compile': torch.compile'd networks in the
-graph pipeline (CUDA); 'torch': eager networks, in the graph pipeline on CUDA and in
-`pipeline.Pipeline` on the CPU; 'auto': TensorRT when it and the engines are there, else
-torch-compile on CUDA, else the CPU path."""
+BACKENDS = ("auto", "tensorrt", "torch-compile", "torch", "openvino")
+"""'tensorrt': cached engines (CUDA); 'torch-compile': torch.compile'd networks; 'torch': eager
+networks; 'openvino': OpenVINO-compiled networks on the CPU. On CUDA the pipeline captures its loop
+in a CUDA graph. 'auto': on CUDA TensorRT when it and the engines are there, else torch-compile; on
+the CPU each network on its fastest checked runner from `bsldm-fast tune`'s table, else torch."""
 
 
 def tensorrt_unavailable(model_dir: str | Path | None, precision: str, device: torch.device,
@@ -290,5 +290,5 @@ def choose_backend(backend: str, device: torch.device,
     if backend in ("torch-compile", "openvino"):
         reason = backend_unavailable(backend, device)
         if reason is not None:
-            raise ValueError(f"backend {backend!r} cannot run: {reason}")
+            raise EngineError(f"backend {backend!r} cannot run: {reason}")
     return backend
