@@ -97,6 +97,9 @@ setup(
     extras_require={
         "train": ["pyyaml"],
         "onnx": ["onnx", "onnxruntime"],
+        # The int8 U-Net on the CPU (bsldm_fast/engines/int8.py): NNCF quantises the ONNX U-Net to an
+        # OpenVINO IR. Pinned: the IR's manifest names both versions, and a new one re-quantises.
+        "int8": ["openvino==2026.4.1", "nncf==3.4.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
         # `bsldm-fast serve`, the DICOM node (bsldm_fast/node).
         "node": ["pynetdicom>=2.1"],
