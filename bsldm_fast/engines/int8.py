@@ -24,7 +24,7 @@ import logging
 import shutil
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -209,7 +209,9 @@ def int8_unet_ir(model_dir: str | Path, model: Model,
     """`engines/openvino/unet-int8.xml` of a model directory, quantised when missing or stale.
 
     Stale means its manifest differs from the key of the weights, OpenVINO and NNCF versions, the
-    calibration set (images and sampling `runs`) and the options. An IR without a manifest is
+    calibration set (images and sampling `runs`) and the options. `calibration_images=None` names
+    no calibration set: an IR calibrated on any set is kept (the one the gate measured, typically),
+    and a missing or stale one is calibrated on the bundled samples. An IR without a manifest is
     someone else's and is refused.
     """
     from .onnx_export import export_model_dir
@@ -219,7 +221,8 @@ def int8_unet_ir(model_dir: str | Path, model: Model,
     path = int8_ir_path(model_dir)
     if path.exists() and not force:
         recorded = read_manifest(path, Int8Key)
-        if recorded == key:
+        if recorded == key or (recorded is not None and calibration_images is None
+                               and replace(recorded, calibration=key.calibration) == key):
             return path
         if recorded is None:
             raise EngineError(f"{path} exists and was not written by bsldm_fast; move it away")

@@ -73,6 +73,8 @@ def test_manifest_keeps_rebuilds_and_refuses(built, tmp_path, monkeypatch):
     original = int8.quantize_unet
     monkeypatch.setattr(int8, "quantize_unet", lambda *a, **k: calls.append(a) or original(*a, **k))
     assert int8.int8_unet_ir(copy, model, [], PHANTOMS, runs=RUNS) == path and not calls  # kept
+    # No calibration set named (the runner's call): the IR of the weights, versions and options is kept.
+    assert int8.int8_unet_ir(copy, model, None, runs=RUNS) == path and not calls
     int8.int8_unet_ir(copy, model, [], (0,), runs=RUNS)  # another calibration set: rebuilt
     assert len(calls) == 1
     assert json.loads(manifest_path(path).read_text())["calibration"] != key["calibration"]
