@@ -99,6 +99,9 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         # `--backend openvino`: the networks compiled by OpenVINO for the CPU (engines/openvino.py).
         "openvino": ["openvino==2026.4.1", "onnx"],
+        # The int8 U-Net on the CPU (bsldm_fast/engines/int8.py): NNCF quantises the ONNX U-Net to an
+        # OpenVINO IR. Pinned: the IR's manifest names both versions, and a new one re-quantises.
+        "int8": ["openvino==2026.4.1", "onnx", "nncf==3.4.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
         # `bsldm-fast serve`, the DICOM node (bsldm_fast/node).
         "node": ["pynetdicom>=2.1"],
@@ -108,7 +111,7 @@ setup(
         "test": [
             "pytest", "pytest-benchmark", "hypothesis", "pyyaml", "tifffile", "scikit-image",
             "onnx", "onnxruntime", "diffusers", "guided-diffusion-sdk", "matplotlib",
-            "pynetdicom>=2.1", "openvino==2026.4.1",
+            "pynetdicom>=2.1", "openvino==2026.4.1", "nncf==3.4.0",
             "triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },
