@@ -39,6 +39,7 @@ from bsldm_fast import metrics, modeldir, preprocess  # noqa: E402
 from bsldm_fast.diffusion.plan import DEFAULT_SAMPLER, resolve_steps  # noqa: E402
 from bsldm_fast.engines import int8  # noqa: E402
 from bsldm_fast.engines.onnx_export import relative_error  # noqa: E402
+from bsldm_fast.engines.openvino import OpenVINORunner  # noqa: E402
 from bsldm_fast.engines.runners import make_runner  # noqa: E402
 from bsldm_fast.io import read_image  # noqa: E402
 from bsldm_fast.pipeline import Pipeline  # noqa: E402
@@ -48,25 +49,6 @@ from timing import lscpu, machine, machine_slug, measure, write_new  # noqa: E40
 
 logger = logging.getLogger("int8_gate")
 DEMO = ROOT / "bsldm_fast" / "assets" / "demo_model"
-
-
-class _Int8UNetRunner:
-    """A runner with `base`'s encoder, decoder and codebook and a compiled OpenVINO U-Net."""
-
-    def __init__(self, base, compiled):
-        self.base, self.compiled = base, compiled
-        self.name, self.precision, self.codes = "openvino-int8-unet", base.precision, base.codes
-        self.request = compiled.create_infer_request()
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.base.encode(images)
-
-    def denoise(self, u: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.request.infer({"U": u.float().contiguous().numpy(), "t": t.to(torch.int64).numpy()})
-        return torch.from_numpy(np.array(out[0], dtype=np.float32, copy=True))
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.base.decode(latents)
 
 
 def _unit(path: Path) -> np.ndarray:
@@ -96,9 +78,11 @@ def quality(model_dir: Path, pairs: Path, held_out: list[str], training: list[st
     started = time.perf_counter()
     ir = int8.int8_unet_ir(model_dir, model, calibration, options=options)
     build_s = time.perf_counter() - started
-    base = make_runner(model.config, model.vqgan, model.unet, "cpu", "bf16", "torch")
-    pipelines = {"bf16": Pipeline(model.config, base, "cpu"),
-                 "int8": Pipeline(model.config, _Int8UNetRunner(base, int8.compile_unet(ir, "bf16")), "cpu")}
+    # The product's runners: OpenVINO bf16, and OpenVINO with the int8 U-Net (same bf16 VQGAN).
+    bf16 = OpenVINORunner(model.config, model.vqgan, model.unet, "bf16", model_dir)
+    candidate = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", model_dir, gated=False)
+    assert candidate.int8_refusal is None, candidate.int8_refusal
+    pipelines = {"bf16": Pipeline(model.config, bf16, "cpu"), "int8": Pipeline(model.config, candidate, "cpu")}
     rows, summary = [], {}
     for pair in held_out + training:
         cxr, soft = _unit(pairs / "cxr" / f"{pair}.png"), _unit(pairs / "soft" / f"{pair}.png")
@@ -126,8 +110,10 @@ def quality(model_dir: Path, pairs: Path, held_out: list[str], training: list[st
         "bounds": {"psnr_db": int8.GATE_PSNR_DB, "ssim": int8.GATE_SSIM},
         "held_out": held_out, "training_pairs_reported": training, "seeds": seeds,
         "sampler": DEFAULT_SAMPLER, "steps": resolve_steps(DEFAULT_SAMPLER, None),
-        "reference": "torch bf16 eager pipeline (encoder, U-Net, decoder bf16, channels-last)",
-        "candidate": "same bf16 encoder/decoder, U-Net = OpenVINO int8 IR (bf16 hint for float layers)",
+        "reference": "OpenVINO bf16 runner (encoder, U-Net, decoder; timestep embedding and codebook "
+                     "search float32)",
+        "candidate": "the same runner with the int8 U-Net IR (bf16 hint for its float layers, the "
+                     "timestep embedding float32): what --backend openvino --precision int8 runs",
         "calibration": int8.calibration_record(model_dir),
         "options": {**int8.QUANTIZATION_OPTIONS, **(options or {})},
         "summary": summary, "date": time.strftime("%Y-%m-%d", time.gmtime()),

@@ -58,7 +58,12 @@ class Suppressor:
                  sampler: str = DEFAULT_SAMPLER, steps: int | None = None, seed: int = 0,
                  precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False,
                  backend: str = "auto"):
-        dtype_of(precision)  # refuses an unknown precision before anything loads
+        if precision == "int8":
+            if backend != "openvino":
+                raise ValueError("precision 'int8' is the quality-gated int8 U-Net of OpenVINO: pass "
+                                 "backend 'openvino'")
+        else:
+            dtype_of(precision)  # refuses an unknown precision before anything loads
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.config = model.config

@@ -64,9 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items()) + ")")
     p.add_argument("--seed", type=int, default=0, help="noise seed; the same seed gives the same image")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
+    p.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), "int8"],
                    help="precision of the U-Net and the VQGAN's encoder and decoder (default fp32); "
-                        "the codebook search and the sampler state stay float32")
+                        "the codebook search and the sampler state stay float32. int8 (with "
+                        "--backend openvino): the model's int8 U-Net if it passed its quality gate "
+                        "(benchmarks/int8_gate.py), else bf16 with a warning saying why")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`; "
                         "CUDA), torch-compile, torch, or openvino (CPU; the `openvino` extra); on "

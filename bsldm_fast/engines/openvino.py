@@ -237,8 +237,8 @@ def split_model(model: "openvino.Model", graph: str) -> "openvino.Model":
 
 def compile_graph(source, graph: str, spec: GraphSpec, batch: int,
                   precision: str) -> "openvino.CompiledModel":
-    """Compile an ONNX graph (a file path or an in-memory onnx.ModelProto) for the CPU at one batch
-    size: read, reshape to static shapes, split (`split_model`), compile in `precision`."""
+    """Compile an ONNX graph or OpenVINO IR (a file path) or an in-memory onnx.ModelProto for the CPU
+    at one batch size: read, reshape to static shapes, split (`split_model`), compile in `precision`."""
     ov = openvino_module()
     core = ov.Core()
     if isinstance(source, (str, Path)):
@@ -269,16 +269,29 @@ class OpenVINORunner:
 
     def __init__(self, config: ModelConfig, vqgan: VQGAN, unet: UNet, precision: str = "fp32",
                  model_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                 step_backend: str = "auto"):
+                 step_backend: str = "auto", gated: bool = True):
         reason = openvino_unavailable(device)
         if reason is not None:
             raise EngineError(f"the OpenVINO runner cannot run: {reason}")
-        _properties(precision)  # validates it
+        self.int8_refusal: str | None = None
+        """Why an 'int8' runner runs its U-Net in bf16 (None: the int8 U-Net runs)."""
+        if precision == "int8":
+            from .int8 import int8_refusal
+
+            # `gated=False` is for the gate itself (benchmarks/int8_gate.py): the IR must exist, its
+            # verdict is what is being measured.
+            self.int8_refusal = int8_refusal(model_dir) if gated else _ir_missing(model_dir)
+            if self.int8_refusal is not None:
+                logger.warning("running the U-Net in bf16, not int8: %s", self.int8_refusal)
+        else:
+            _properties(precision)  # validates it
         self.name = "openvino"
         self.precision = precision
+        """'fp32', 'bf16', or 'int8': the gated int8 U-Net (engines/int8.py) and the bf16 VQGAN."""
         self.config = config
         self.device = torch.device("cpu")
         self.step_backend = kernels.resolve(step_backend, self.device)
+        self.int8_dir = None if model_dir is None else Path(model_dir)
         self.model_dir = None if model_dir is None else Path(model_dir)
         if self.model_dir is not None and not os.access(self.model_dir, os.W_OK):
             logger.warning("%s is read-only: compiling the OpenVINO models there without caching them",
@@ -309,14 +322,21 @@ class OpenVINORunner:
         request = self._requests.get((graph, batch))
         if request is None:
             spec = graph_spec(graph, self.config)
+            precision = "bf16" if self.precision == "int8" else self.precision
 
             def build():
-                return compile_graph(self._source(graph), graph, spec, batch, self.precision)
+                return compile_graph(self._source(graph), graph, spec, batch, precision)
 
-            if self.model_dir is None:
+            if graph == "unet" and self.precision == "int8" and self.int8_refusal is None:
+                from .int8 import int8_ir_path
+
+                # Not cached: the IR is already compiled once by NNCF, and its key (calibration,
+                # gate) is the IR's manifest, not the weights alone.
+                compiled, built = compile_graph(int8_ir_path(self.int8_dir), graph, spec, batch, "bf16"), True
+            elif self.model_dir is None:
                 compiled, built = build(), True
             else:
-                key = openvino_key(self.model_dir, graph, self.precision, batch)
+                key = openvino_key(self.model_dir, graph, precision, batch)
                 compiled, built = ensure_compiled(self.model_dir, key, build)
             request = self._requests[(graph, batch)] = compiled.create_infer_request()
             self.built[(graph, batch)] = built
@@ -342,6 +362,14 @@ class OpenVINORunner:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self._run("decoder", {"latent": latents.float()})
+
+
+def _ir_missing(model_dir: str | Path | None) -> str | None:
+    from .int8 import int8_ir_path
+
+    if model_dir is None or not int8_ir_path(model_dir).is_file():
+        return f"no int8 U-Net IR in {model_dir} (engines/int8.py int8_unet_ir builds it)"
+    return None
 
 
 def _cpu_float_copy(module: torch.nn.Module) -> torch.nn.Module:

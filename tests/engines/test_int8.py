@@ -105,3 +105,30 @@ def test_refusal_until_a_passing_gate_for_this_ir(built, tmp_path):
     key = read_manifest(int8.int8_ir_path(copy), int8.Int8Key)
     write_manifest(int8.int8_ir_path(copy), dataclasses.replace(key, calibration="0" * 16))
     assert "changed since its quality gate" in int8.int8_refusal(copy)
+
+
+def test_the_openvino_runner_runs_int8_only_behind_a_passing_gate(built, caplog):
+    """`--backend openvino --precision int8`: the int8 U-Net (the embedding in float32, as the
+    bf16 runner) once the gate passed for this IR; before that the U-Net runs bf16 and says why."""
+    from bsldm_fast.engines.openvino import OpenVINORunner
+
+    model, model_dir, _ = built
+    u, t = _held_out_feeds(model)
+    u, t = torch.from_numpy(u[:2]), torch.from_numpy(t[:2])
+    with torch.inference_mode():
+        expected = LatentDenoiser(model.unet, model.config).eval()(u, t).numpy()
+
+    def rms(runner):
+        actual = runner.denoise(u, t).numpy()
+        return float(np.sqrt(((actual - expected) ** 2).mean() / (expected ** 2).mean()))
+
+    int8.write_gate(model_dir, {"passed": False, "reason": "test: failed"})
+    with caplog.at_level("WARNING"):
+        refused = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", model_dir)
+    assert refused.int8_refusal is not None and "not int8" in caplog.text
+    bf16 = rms(refused)
+    int8.write_gate(model_dir, {"passed": True, "reason": "test: passed"})
+    runner = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", model_dir)
+    assert runner.int8_refusal is None
+    quantised = rms(runner)
+    assert bf16 < 2e-2 < quantised <= RMS_TOLERANCE  # bf16 rounds; int8 quantises
