@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import sys
 import tempfile
 from collections.abc import Callable
@@ -185,14 +186,15 @@ def main(argv: list[str] | None = None) -> int:
     scratch = tempfile.TemporaryDirectory(prefix="bsldm-cpu-paths-")
     if openvino_missing is None:
         paths.append(("openvino", "ours", "int8", lambda: _int8_runner(model, Path(scratch.name))))
-    protos = {}
-    for name in STAGES:
-        protos[name] = export_graph(graph_module(name, config, model.vqgan, model.unet), graph_spec(name, config))
-    paths.append(("onnxruntime", "peer", "fp32", lambda: OnnxRuntimePeer(protos)))
-    paths.append(("openvino-default", "peer", "bf16", lambda: OpenVINOPeer(protos, batch)))
+
+    def protos() -> dict:
+        return {name: export_graph(graph_module(name, config, model.vqgan, model.unet), graph_spec(name, config))
+                for name in STAGES}
+
+    paths.append(("onnxruntime", "peer", "fp32", lambda: OnnxRuntimePeer(protos())))
+    paths.append(("openvino-default", "peer", "bf16", lambda: OpenVINOPeer(protos(), batch)))
 
     rows: list[Row] = []
-    runners: dict[tuple[str, str], object] = {}
     for path, kind, precision, build in paths:
         missing = openvino_missing if path == "openvino" else None
         if path == "openvino-default":
@@ -203,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             rows += [Row(s, path, kind, precision, None, None, None, None, None, False, missing) for s in STAGES]
             continue
+        # One path in memory at a time: the paper model's runners together outgrow 24 GiB.
         torch._dynamo.reset()
+        gc.collect()
         runner = build()
-        runners[(path, precision)] = runner
         for stage in ("unet",) if precision == "int8" else STAGES:
             call = _calls(runner)[stage]
             with torch.inference_mode():
@@ -221,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                             rate / peaks["bf16"], value, True, what))
             print(f"{stage:8s} {path:17s} {precision}: {t.median:8.3f} s  {rate / 1e9:7.1f} GFLOP/s  "
                   f"{what}", flush=True)
+        del runner
 
     # Ours at reduced precision: the fastest checked runner per stage, as backend='auto' picks it.
     best = {}
