@@ -47,7 +47,7 @@ from bsldm_fast.engines.runners import backend_unavailable, make_runner, make_st
 from bsldm_fast.modeldir import random_model  # noqa: E402
 from bsldm_fast.pipeline import Pipeline  # noqa: E402
 
-STAGES = ("encoder", "unet", "decoder")
+STAGES = tuning.NETWORKS
 
 
 @dataclass
@@ -128,18 +128,6 @@ class OpenVINOPeer:
         return self._run("decoder", latents)
 
 
-def _calls(runner) -> dict[str, Callable[..., torch.Tensor]]:
-    return {"encoder": runner.encode, "unet": runner.denoise, "decoder": runner.decode}
-
-
-def _inputs(config, batch: int) -> dict[str, tuple[torch.Tensor, ...]]:
-    g = torch.Generator().manual_seed(0)
-    s, h, c = config.image_size, config.latent_size, config.diffusion.latent_channels
-    return {"encoder": (torch.rand((batch, 1, s, s), generator=g) * 2 - 1,),
-            "unet": (torch.randn((batch, 2 * c, h, h), generator=g), torch.full((batch,), 500, dtype=torch.int64)),
-            "decoder": (torch.randn((batch, c, h, h), generator=g),)}
-
-
 def _int8_runner(model, scratch: Path):
     """The OpenVINO runner with an int8 U-Net quantised for this (random) model, calibrated on the
     (U, t) of sampling one phantom with it: timing only, since the quality gate needs trained weights
@@ -162,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = random_model(preset(args.config))
     config, batch = model.config, 1
-    inputs = _inputs(config, batch)
+    inputs = tuning.network_inputs(config, batch)
     flops = {"unet": unet_flops(config, batch)}
     flops["encoder"], flops["decoder"] = vqgan_flops(config, batch)
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
@@ -170,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     reference = make_runner(config, model.vqgan, model.unet, "cpu", "fp32", "torch")
     with torch.inference_mode():
-        expected = {s: _calls(reference)[s](*inputs[s]) for s in STAGES}
+        expected = {s: tuning.network_call(reference, s)(*inputs[s]) for s in STAGES}
 
     paths: list[tuple[str, str, str, Callable[[], object]]] = [
         ("torch", "ours", "fp32", lambda: reference),
@@ -210,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         runner = build()
         for stage in ("unet",) if precision == "int8" else STAGES:
-            call = _calls(runner)[stage]
+            call = tuning.network_call(runner, stage)
             with torch.inference_mode():
                 out = call(*inputs[stage])
                 passed, value, what = tuning.check(stage, out, expected[stage], precision)

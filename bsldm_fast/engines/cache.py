@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,20 @@ def build_command(model_dir: str | Path, precision: str, profile: str = "1-1-16"
 
 
 _hash_memo: dict[tuple[str, tuple[tuple[int, int], ...]], str] = {}
+
+
+def cpu_identity() -> tuple[str, str]:
+    """(CPU model name, digest of its instruction-set flags): what a compiled CPU engine or a CPU timing is specific to."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = " ".join(sorted((fields.get("flags") or fields.get("Features") or "").split()))
+    return name, hashlib.sha256(flags.encode()).hexdigest()[:16]
 
 
 def model_hash(model_dir: str | Path) -> str:

@@ -27,7 +27,6 @@ import io
 import json
 import logging
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -40,8 +39,8 @@ from .._files import atomic_write
 from ..config import ModelConfig
 from ..models import VQGAN, UNet
 from ..models.unet import timestep_embedding
-from .cache import (ENGINE_DIR, EngineError, differences, manifest_path, model_hash, read_manifest,
-                    write_manifest)
+from .cache import (ENGINE_DIR, EngineError, cpu_identity, differences, manifest_path, model_hash,
+                    read_manifest, write_manifest)
 from .graphs import GRAPH_NAMES, GraphSpec, graph_spec
 
 if TYPE_CHECKING:  # openvino is an optional dependency (the `openvino` extra), imported where used
@@ -85,20 +84,6 @@ def openvino_unavailable(device: torch.device | str = "cpu") -> str | None:
     if "CPU" not in ov.Core().available_devices:
         return "OpenVINO sees no CPU device on this machine"
     return None
-
-
-def cpu_identity() -> tuple[str, str]:
-    """(CPU model name, digest of its instruction-set flags): what a compiled blob is specific to."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name") or platform.processor() or platform.machine()
-    flags = " ".join(sorted((fields.get("flags") or fields.get("Features") or "").split()))
-    return name, hashlib.sha256(flags.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -26,7 +25,10 @@ import torch
 
 from .. import __version__
 from .._files import atomic_write
+from ..config import ModelConfig
 from ..modeldir import Model
+from .cache import cpu_identity
+from .onnx_export import relative_error
 
 logger = logging.getLogger(__name__)
 
@@ -53,22 +55,15 @@ def check(network: str, out: torch.Tensor, ref: torch.Tensor, precision: str) ->
     if network == "encoder":
         flips = float((out != ref).any(dim=1).float().mean())
         return flips <= MAX_CODE_FLIPS[precision], flips, f"share of changed codes {flips:.3g}"
-    error = _rel_error(out, ref)
+    error = relative_error(out.numpy(), ref.numpy()) if torch.isfinite(out).all() else float("inf")
     return error <= REL_MAX_ERROR[precision], error, f"max error / max |ref| {error:.3g}"
 
 
 def cpu_key() -> dict[str, str]:
-    """What a measurement holds for: the CPU model and flags, the runtimes' versions."""
-    fields: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            name, _, value = line.partition(":")
-            if name.strip() in ("model name", "flags") and name.strip() not in fields:
-                fields[name.strip()] = value.strip()
-    except OSError:
-        fields["model name"] = platform.processor()
-    key = {"cpu": fields.get("model name", ""), "flags": fields.get("flags", ""),
-           "torch": torch.__version__, "bsldm_fast": __version__}
+    """What a measurement holds for: the CPU model and its flags (`cache.cpu_identity`, as the
+    OpenVINO cache keys it), the runtimes' versions."""
+    name, flags = cpu_identity()
+    key = {"cpu": name, "flags": flags, "torch": torch.__version__, "bsldm_fast": __version__}
     try:
         import openvino
 
@@ -91,8 +86,10 @@ class Measurement:
     note: str = ""
 
 
-def _inputs(model: Model, batch: int, generator: torch.Generator) -> dict[str, tuple[torch.Tensor, ...]]:
-    config = model.config
+def network_inputs(config: ModelConfig, batch: int = 1,
+                   seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Seeded inputs of each network in its natural range (images in [-1, 1], t = 500)."""
+    generator = torch.Generator().manual_seed(seed)
     s, h, c = config.image_size, config.latent_size, config.diffusion.latent_channels
     images = torch.rand((batch, 1, s, s), generator=generator) * 2 - 1
     u = torch.randn((batch, 2 * c, h, h), generator=generator)
@@ -100,14 +97,9 @@ def _inputs(model: Model, batch: int, generator: torch.Generator) -> dict[str, t
     return {"encoder": (images,), "unet": (u, t), "decoder": (torch.randn((batch, c, h, h), generator=generator),)}
 
 
-def _call(runner, network: str) -> Callable[..., torch.Tensor]:
+def network_call(runner, network: str) -> Callable[..., torch.Tensor]:
+    """The runner's call for `network` ('encoder', 'unet' or 'decoder')."""
     return {"encoder": runner.encode, "unet": runner.denoise, "decoder": runner.decode}[network]
-
-
-def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if not torch.isfinite(out).all():
-        return float("inf")
-    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-12))
 
 
 def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str] = CPU_BACKENDS,
@@ -116,10 +108,10 @@ def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str
     """Each backend's seconds per call of each network, after its accuracy check."""
     from .runners import backend_unavailable, make_runner
 
-    inputs = _inputs(model, batch, torch.Generator().manual_seed(0))
+    inputs = network_inputs(model.config, batch)
     reference = make_runner(model.config, model.vqgan, model.unet, "cpu", "fp32", "torch")
     with torch.inference_mode():
-        expected = {n: _call(reference, n)(*inputs[n]) for n in NETWORKS}
+        expected = {n: network_call(reference, n)(*inputs[n]) for n in NETWORKS}
     results = []
     for backend in backends:
         why = backend_unavailable(backend, torch.device("cpu"))
@@ -129,7 +121,7 @@ def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str
         runner = make_runner(model.config, model.vqgan, model.unet, "cpu", precision, backend,
                              model_dir=model_dir, freeze=("unet",))
         for network in NETWORKS:
-            call = _call(runner, network)
+            call = network_call(runner, network)
             with torch.inference_mode():
                 try:
                     out = call(*inputs[network])  # the warm-up: compiles what compiles lazily
