@@ -32,7 +32,7 @@ from .diffusion import Schedule
 from .diffusion.noise import seed_tensor
 from .diffusion.plan import DEFAULT_SAMPLER, DEFAULT_STEPS, SAMPLERS, Plan, make_plan, resolve_steps
 from .engines import tuning
-from .engines.runners import (Runner, choose_backend, make_runner, make_stage_runner,
+from .engines.runners import (INT8_BACKENDS, Runner, choose_backend, make_runner, make_stage_runner,
                               tensorrt_unavailable)
 from .kernels.sampling import Buffers, run
 from .models import VQGAN, UNet
@@ -298,15 +298,22 @@ def build_pipeline(config: ModelConfig, vqgan: VQGAN, unet: UNet, device: torch.
     """(pipeline, chosen backend) for a user's choice of backend. 'auto': on CUDA, TensorRT when it
     and the engines are there, else torch-compile; on the CPU, each network on its fastest checked
     runner from the table `bsldm-fast tune` measured on this CPU (engines/tuning.py), else eager
-    torch."""
+    torch. `precision` 'int8' (CPU only; backend 'auto' or 'openvino'): the int8 networks that passed
+    the model's quality gate (engines/int8.py), bf16 for the rest; 'auto' without a table runs
+    OpenVINO."""
     device = torch.device(device)
+    if precision == "int8" and (device.type != "cpu" or backend not in ("auto", *INT8_BACKENDS)):
+        raise ValueError("precision 'int8' is the quality-gated int8 networks of OpenVINO on the CPU: "
+                         f"pass device 'cpu' and backend 'auto' or {' or '.join(map(repr, INT8_BACKENDS))}")
     if backend == "auto" and device.type == "cpu":
         choice = tuning.fastest(model_dir, precision)
         if choice is not None:
             runner = make_stage_runner(config, vqgan, unet, choice, device, precision, model_dir=model_dir)
             return Pipeline(config, runner, device), runner.name
-        logger.info("no CPU backend table for this CPU, model and precision %s: eager torch "
-                    "(`bsldm-fast tune MODEL_DIR` measures one)", precision)
+        fallback = INT8_BACKENDS[0] if precision == "int8" else "torch"
+        logger.info("no CPU backend table for this CPU, model and precision %s: %s "
+                    "(`bsldm-fast tune MODEL_DIR --precision %s` measures one)", precision, fallback, precision)
+        backend = fallback
     chosen = choose_backend(backend, device, lambda: tensorrt_unavailable(model_dir, precision, device))
     pipeline = Pipeline.create(config, vqgan, unet, device, precision, backend=chosen, model_dir=model_dir,
                                compile_mode=compile_mode)

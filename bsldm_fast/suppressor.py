@@ -59,9 +59,11 @@ class Suppressor:
                  precision: str = "fp32", batch_size: int = 4, offset_noise: bool = False,
                  backend: str = "auto"):
         if precision == "int8":
-            if backend != "openvino":
-                raise ValueError("precision 'int8' is the quality-gated int8 U-Net of OpenVINO: pass "
-                                 "backend 'openvino'")
+            from .engines.runners import INT8_BACKENDS
+
+            if backend not in ("auto", *INT8_BACKENDS):
+                raise ValueError("precision 'int8' is the quality-gated int8 networks of OpenVINO: pass "
+                                 f"backend 'auto' or {' or '.join(map(repr, INT8_BACKENDS))}")
         else:
             dtype_of(precision)  # refuses an unknown precision before anything loads
         if batch_size < 1:

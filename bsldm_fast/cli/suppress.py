@@ -66,9 +66,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     p.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), "int8"],
                    help="precision of the U-Net and the VQGAN's encoder and decoder (default fp32); "
-                        "the codebook search and the sampler state stay float32. int8 (with "
-                        "--backend openvino): the model's int8 U-Net if it passed its quality gate "
-                        "(benchmarks/int8_gate.py), else bf16 with a warning saying why")
+                        "the codebook search and the sampler state stay float32. int8 (CPU; "
+                        "--backend openvino or auto): the model's int8 networks that passed its "
+                        "quality gate (benchmarks/int8_gate.py), bf16 for the rest, with a warning "
+                        "saying why")
     p.add_argument("--backend", default="auto", choices=BACKENDS,
                    help="what runs the networks: tensorrt (engines from `bsldm-fast build-engine`; "
                         "CUDA), torch-compile, torch, or openvino (CPU; the `openvino` extra); on "

@@ -22,8 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model_dir", metavar="MODEL_DIR",
                    help="model directory (config.json + safetensors), or 'demo' for the bundled model")
-    p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS),
-                   help="the precision to measure (default fp32); run once per precision you use")
+    p.add_argument("--precision", default="fp32", choices=[*sorted(PRECISIONS), "int8"],
+                   help="the precision to measure (default fp32); run once per precision you use. "
+                        "int8: OpenVINO with the model's quality-gated int8 networks, beside the "
+                        "other runners in bf16")
     p.add_argument("--backends", nargs="+", default=list(CPU_BACKENDS), choices=CPU_BACKENDS,
                    help="which runners to try (default: all installed)")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per network (median; default 3)")

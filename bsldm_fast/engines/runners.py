@@ -188,11 +188,26 @@ class StageRunner:
 def make_stage_runner(config: ModelConfig, vqgan: VQGAN, unet: UNet, choice: dict[str, str],
                       device: torch.device | str = "cpu", precision: str = "fp32", *,
                       step_backend: str = "auto", model_dir: str | Path | None = None) -> StageRunner:
-    """A `StageRunner` with network -> backend `choice`; one runner per distinct backend."""
-    built = {backend: make_runner(config, vqgan, unet, device, precision, backend, step_backend=step_backend,
-                                  model_dir=model_dir, freeze=("unet",) if backend == "torch-compile" else ())
+    """A `StageRunner` with network -> backend `choice`; one runner per distinct backend. At
+    precision 'int8' the 'openvino' runner runs its quality-gated int8 networks and every other
+    runner bf16 (`runner_precision`)."""
+    built = {backend: make_runner(config, vqgan, unet, device, runner_precision(backend, precision), backend,
+                                  step_backend=step_backend, model_dir=model_dir,
+                                  freeze=("unet",) if backend == "torch-compile" else ())
              for backend in sorted(set(choice.values()))}
     return StageRunner({network: built[choice[network]] for network in NETWORKS})
+
+
+INT8_BACKENDS = ("openvino",)
+"""The runners with int8 networks (engines/int8.py: NNCF-quantised OpenVINO IRs behind a quality gate)."""
+
+
+def runner_precision(backend: str, precision: str) -> str:
+    """The precision `backend` runs when the pipeline's precision is `precision`: 'int8' means the
+    gated int8 networks where a runner has them (INT8_BACKENDS) and bf16 on every other runner."""
+    if precision == "int8" and backend not in INT8_BACKENDS:
+        return "bf16"
+    return precision
 
 
 def backend_unavailable(backend: str, device: torch.device) -> str | None:

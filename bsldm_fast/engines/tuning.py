@@ -8,7 +8,9 @@ within the precision's bound, and writes the table to MODEL_DIR/engines/cpu-back
 by the CPU's model name and flags, the versions and the weights. `backend="auto"` then runs each
 network on its fastest checked runner (`runners.StageRunner`); without a table for this CPU and
 precision it runs eager torch and logs how to make one. A runner that fails its check is
-recorded with its error and never chosen.
+recorded with its error and never chosen. Tuned for 'int8', OpenVINO runs the networks that passed
+the model's int8 quality gate in int8 (engines/int8.py) and the others run bf16, each row saying
+what it ran in: auto at int8 then picks per network among them.
 """
 
 from __future__ import annotations
@@ -84,6 +86,13 @@ class Measurement:
     rel_error: float | None
     """The `check` value against float32 eager torch (the encoder: share of changed codes)."""
     note: str = ""
+    tuned_for: str = ""
+    """The precision the pipeline was tuned for (`precision` is what this network ran in): they
+    differ at 'int8', where runners without int8 networks run bf16. '' means `precision`."""
+
+
+def _tuned_for(row: dict) -> str:
+    return row.get("tuned_for") or row["precision"]
 
 
 def network_inputs(config: ModelConfig, batch: int = 1,
@@ -105,8 +114,10 @@ def network_call(runner, network: str) -> Callable[..., torch.Tensor]:
 def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str] = CPU_BACKENDS,
             repeats: int = 3, model_dir: str | Path | None = None,
             progress: Callable[[str], None] | None = None) -> list[Measurement]:
-    """Each backend's seconds per call of each network, after its accuracy check."""
-    from .runners import backend_unavailable, make_runner
+    """Each backend's seconds per call of each network, after its accuracy check. At 'int8' the
+    runners with int8 networks (OpenVINO) are measured at int8 and the others at bf16
+    (`runners.runner_precision`): auto at int8 picks per network among them all."""
+    from .runners import backend_unavailable, make_runner, runner_precision
 
     inputs = network_inputs(model.config, batch)
     reference = make_runner(model.config, model.vqgan, model.unet, "cpu", "fp32", "torch")
@@ -114,36 +125,55 @@ def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str
         expected = {n: network_call(reference, n)(*inputs[n]) for n in NETWORKS}
     results = []
     for backend in backends:
+        runs_at = runner_precision(backend, precision)
         why = backend_unavailable(backend, torch.device("cpu"))
         if why is not None:
-            results += [Measurement(n, backend, precision, batch, None, None, why) for n in NETWORKS]
+            results += [Measurement(n, backend, runs_at, batch, None, None, why, precision) for n in NETWORKS]
             continue
-        runner = make_runner(model.config, model.vqgan, model.unet, "cpu", precision, backend,
+        runner = make_runner(model.config, model.vqgan, model.unet, "cpu", runs_at, backend,
                              model_dir=model_dir, freeze=("unet",))
+        float_networks = _float_networks(runner)
         for network in NETWORKS:
+            # A network the int8 runner runs in bf16 (its gate refused it) is a bf16 row.
+            row_precision = "bf16" if network in float_networks else runs_at
             call = network_call(runner, network)
             with torch.inference_mode():
                 try:
                     out = call(*inputs[network])  # the warm-up: compiles what compiles lazily
                 except Exception as error:  # noqa: BLE001 - any failure disqualifies the runner
-                    results.append(Measurement(network, backend, precision, batch, None, None,
-                                               f"{type(error).__name__}: {error}"))
+                    results.append(Measurement(network, backend, row_precision, batch, None, None,
+                                               f"{type(error).__name__}: {error}", precision))
                     continue
-                passed, error, what = check(network, out, expected[network], precision)
+                passed, error, what = check(network, out, expected[network], row_precision)
                 if not passed:
-                    results.append(Measurement(network, backend, precision, batch, None, error,
-                                               f"output off: {what}"))
+                    results.append(Measurement(network, backend, row_precision, batch, None, error,
+                                               f"output off: {what}", precision))
                     continue
                 times = []
                 for _ in range(repeats):
                     start = time.perf_counter()
                     call(*inputs[network])
                     times.append(time.perf_counter() - start)
-            results.append(Measurement(network, backend, precision, batch, statistics.median(times), error))
+            note = float_networks.get(network, "")
+            results.append(Measurement(network, backend, row_precision, batch, statistics.median(times),
+                                       error, note, precision))
             if progress is not None:
-                progress(f"{network} {backend} {precision}: {statistics.median(times):.3f} s "
-                         f"(error {error:.2g})")
+                progress(f"{network} {backend} {row_precision}: {statistics.median(times):.3f} s "
+                         f"(error {error:.2g})" + (f"; {note}" if note else ""))
     return results
+
+
+def _float_networks(runner) -> dict[str, str]:
+    """network -> why an 'int8' runner runs it in bf16 (its quality gate refused it, or it has no
+    int8 graph), for the networks it does; empty for any other runner."""
+    if runner.precision != "int8":
+        return {}
+    int8_networks = getattr(runner, "int8_networks", None)
+    if int8_networks is None:  # a runner that only knows the U-Net's int8 refusal
+        int8_networks = () if getattr(runner, "int8_refusal", None) else ("unet",)
+    refusals = getattr(runner, "int8_refusals", {}) or {}
+    return {n: f"runs bf16: {refusals.get(n) or getattr(runner, 'int8_refusal', None) or 'no int8 graph'}"
+            for n in NETWORKS if n not in int8_networks}
 
 
 def _weights_key(model_dir: Path) -> str:
@@ -153,7 +183,8 @@ def _weights_key(model_dir: Path) -> str:
 
 
 def write_table(model_dir: str | Path, measurements: Sequence[Measurement]) -> Path:
-    """Merge the measurements into MODEL_DIR/engines/cpu-backends.json (other precisions kept)."""
+    """Merge the measurements into MODEL_DIR/engines/cpu-backends.json (the rows tuned for other
+    precisions kept)."""
     model_dir = Path(model_dir)
     path = model_dir / "engines" / TABLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -161,8 +192,8 @@ def write_table(model_dir: str | Path, measurements: Sequence[Measurement]) -> P
     rows = []
     old = _read(path)
     if old is not None and old.get("key") == key:
-        precisions = {m.precision for m in measurements}
-        rows = [r for r in old["rows"] if r["precision"] not in precisions]
+        tuned = {m.tuned_for or m.precision for m in measurements}
+        rows = [r for r in old["rows"] if _tuned_for(r) not in tuned]
     rows += [asdict(m) for m in measurements]
     text = json.dumps({"key": key, "rows": rows}, indent=1) + "\n"
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
@@ -178,7 +209,8 @@ def _read(path: Path) -> dict | None:
 
 def fastest(model_dir: str | Path | None, precision: str, batch: int = 1) -> dict[str, str] | None:
     """network -> the fastest checked backend, from the table measured on this CPU for these
-    weights and versions at this precision; None when there is none (or it is stale)."""
+    weights and versions at this precision; None when there is none (or it is stale). At 'int8' the
+    candidates are the rows `tune --precision int8` measured: each runner at what it runs then."""
     if model_dir is None:
         return None
     model_dir = Path(model_dir)
@@ -191,7 +223,7 @@ def fastest(model_dir: str | Path | None, precision: str, batch: int = 1) -> dic
         return None
     choice = {}
     for network in NETWORKS:
-        timed = [r for r in table["rows"] if r["network"] == network and r["precision"] == precision
+        timed = [r for r in table["rows"] if r["network"] == network and _tuned_for(r) == precision
                  and r["batch"] == batch and r["seconds"] is not None]
         if not timed:
             return None

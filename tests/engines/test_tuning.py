@@ -107,3 +107,63 @@ def test_tune_command_writes_the_table(tiny_dir, capsys):
     assert main(["tune", str(tiny_dir), "--backends", "torch", "--repeats", "1"]) == 0
     assert tuning.fastest(tiny_dir, "fp32") == dict.fromkeys(tuning.NETWORKS, "torch")
     assert "auto on this CPU" in capsys.readouterr().err
+
+
+# int8: OpenVINO's gated int8 networks beside the other runners in bf16 -------------------------
+
+openvino_missing = runners.backend_unavailable("openvino", torch.device("cpu"))
+needs_openvino = pytest.mark.skipif(openvino_missing is not None, reason=str(openvino_missing))
+
+
+def test_int8_runs_the_int8_backends_at_int8_and_every_other_runner_at_bf16():
+    assert runners.runner_precision("openvino", "int8") == "int8"
+    assert runners.runner_precision("torch", "int8") == "bf16"
+    assert runners.runner_precision("torch-compile", "int8") == "bf16"
+    assert runners.runner_precision("torch", "fp32") == "fp32"
+
+
+@needs_openvino
+def test_tuning_for_int8_measures_openvino_at_int8_and_torch_at_bf16(tiny_model, tiny_dir):
+    # The tiny model has no int8 IR: the OpenVINO runner runs bf16 and each row says why.
+    model = modeldir.load(tiny_dir)
+    rows = tuning.measure(model, "int8", backends=("torch", "openvino"), repeats=1, model_dir=tiny_dir)
+    by = {(r.network, r.backend): r for r in rows}
+    for network in tuning.NETWORKS:
+        assert by[(network, "torch")].precision == "bf16"
+        assert by[(network, "openvino")].precision == "bf16"
+        assert "runs bf16" in by[(network, "openvino")].note
+    assert all(r.tuned_for == "int8" and r.seconds is not None for r in rows)
+    # Tuned for int8, the rows neither replace nor join the bf16 table.
+    tuning.write_table(tiny_dir, [_row(n, "torch", 9.0) for n in tuning.NETWORKS])
+    tuning.write_table(tiny_dir, rows)
+    assert tuning.fastest(tiny_dir, "bf16") == dict.fromkeys(tuning.NETWORKS, "torch")
+    assert set(tuning.fastest(tiny_dir, "int8").values()) <= {"torch", "openvino"}
+
+
+@needs_openvino
+def test_a_stage_runner_at_int8_builds_openvino_at_int8_and_torch_at_bf16(tiny_model, tiny_dir):
+    choice = {"encoder": "torch", "unet": "openvino", "decoder": "torch"}
+    staged = runners.make_stage_runner(tiny_model.config, tiny_model.vqgan, tiny_model.unet, choice, "cpu",
+                                       "int8", model_dir=tiny_dir)
+    assert staged.runners["encoder"].precision == "bf16" and staged.runners["decoder"].precision == "bf16"
+    assert staged.runners["unet"].precision == "int8" and staged.precision == "int8"
+    # No int8 IR here: its U-Net runs bf16, and the runner says why.
+    assert "no int8" in staged.runners["unet"].int8_refusal
+
+
+@needs_openvino
+def test_int8_auto_without_a_table_runs_openvino(tiny_model, tiny_dir):
+    pipe, chosen = build_pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "cpu", "int8",
+                                  "auto", model_dir=tiny_dir)
+    assert chosen == "openvino" and pipe.runner.precision == "int8"
+
+
+@pytest.mark.parametrize("device, backend", [("cpu", "torch"), ("cpu", "torch-compile"), ("cuda", "auto")])
+def test_int8_is_refused_where_no_int8_runner_can_run(tiny_model, device, backend):
+    from bsldm_fast import Suppressor
+
+    with pytest.raises(ValueError, match="int8"):
+        build_pipeline(tiny_model.config, tiny_model.vqgan, tiny_model.unet, device, "int8", backend)
+    if backend != "auto":
+        with pytest.raises(ValueError, match="int8"):
+            Suppressor(tiny_model, device, precision="int8", backend=backend)
