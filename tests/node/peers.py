@@ -69,47 +69,18 @@ def make_cxr(path: Path, sample: int = 0, size: int = 512, frames: int = 1, bits
     """A DX chest radiograph (12 bits stored, or 8 in 8 allocated) from a bundled SZCH sample,
     new UIDs each call."""
     from PIL import Image
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import (DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian,
-                             generate_uid)
+
+    from dicom_factory import make_dicom
 
     image = Image.open(SAMPLES / f"{sample}.png").convert("L").resize((size, size))
     pixels = np.asarray(image, dtype=np.uint8) if bits == 8 else \
         (np.asarray(image, dtype=np.uint16) * 16).astype(np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "Phantom^Chest"
-    ds.PatientID = "NODE-TEST"
-    ds.StudyDate = "20260101"
-    ds.Modality = "DX"
-    ds.BodyPartExamined = "CHEST"
-    ds.ViewPosition = "PA"
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    ds.SeriesDescription = "PA chest"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = pixels.itemsize * 8, bits, bits - 1
-    ds.PixelRepresentation = 0
-    ds.WindowCenter, ds.WindowWidth = 2 ** (bits - 1), 2**bits
     if frames > 1:
-        ds.NumberOfFrames = frames
         pixels = np.stack([pixels] * frames)
-    for key, value in tags.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.astype(pixels.dtype.newbyteorder("<")).tobytes()
-    ds["PixelData"].VR = "OB" if bits == 8 else "OW"
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    chest = {"PatientName": "Phantom^Chest", "PatientID": "NODE-TEST", "BodyPartExamined": "CHEST",
+             "ViewPosition": "PA", "SeriesNumber": 1, "InstanceNumber": 1,
+             "WindowCenter": 2 ** (bits - 1), "WindowWidth": 2**bits}
+    return make_dicom(path, pixels, bits_stored=bits, **{**chest, **tags})
 
 
 def read_uids(path: Path) -> tuple[str, str]:

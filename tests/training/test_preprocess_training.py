@@ -3,7 +3,6 @@ reader (Modality/VOI LUT, MONOCHROME1 inverted), the same resize, the same [-1, 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +11,11 @@ import torch
 from bsldm_fast import Suppressor, preprocess
 from bsldm_fast.io import read_image
 from bsldm_fast.modeldir import random_model
+from bsldm_fast.training import distributed
 from bsldm_fast.training.data import ShardSampler
 from bsldm_fast.training.trainer import _datasets, _loader, build, model_config_for
+from dicom_factory import make_dicom
 from train_helpers import tiny_config
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "io"))
-from dicom_factory import make_dicom  # noqa: E402
-
-from bsldm_fast.training import distributed  # noqa: E402
 
 CPU = distributed.Context(0, 1, 0, torch.device("cpu"))
 

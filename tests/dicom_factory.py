@@ -1,4 +1,4 @@
-"""Small DICOM files built with pydicom itself, for the io tests."""
+"""Small DICOM files built with pydicom itself, for the io, training and node tests."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittle
 def make_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
                bits_stored: int | None = None, syntax=ExplicitVRLittleEndian, pixel_data=True,
                **tags) -> Path:
-    """A single-frame grey-scale DX image holding `pixels` (uint8/uint16/int8/int16) plus `tags`."""
+    """A grey-scale DX image holding `pixels` (uint8/uint16/int8/int16; [rows, columns], or
+    [frames, rows, columns] for a multi-frame one) plus `tags`."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -30,7 +31,9 @@ def make_dicom(path: Path, pixels: np.ndarray, *, photometric: str = "MONOCHROME
     ds.SeriesDescription = "PA chest"
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = pixels.shape
+    ds.Rows, ds.Columns = pixels.shape[-2:]
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = pixels.shape[0]
     ds.BitsAllocated = pixels.dtype.itemsize * 8
     ds.BitsStored = bits_stored or ds.BitsAllocated
     ds.HighBit = ds.BitsStored - 1
