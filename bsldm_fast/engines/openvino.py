@@ -16,6 +16,11 @@ and those parts run in float32 PyTorch beside the compiled model, the way the Py
   `models.unet.timestep_embedding` in float32;
 - the codebook search: the distance matmul in bf16 flips near-tied codes. The encoder graph ends at
   the float32 latent before quantisation, and `kernels.vq_quantize` picks the codes in float32.
+
+Precision 'int8' (engines/int8.py): each network (U-Net, VQ decoder, VQ encoder) whose NNCF int8 IR
+passed the model's quality gate runs from that IR, its float layers under the bf16 hint and with the
+same cuts (the int8 encoder IR is quantised already cut, so the search never sees int8); the others
+run bf16, and the runner logs why for each (`int8_refusals`, `int8_networks`).
 """
 
 from __future__ import annotations
