@@ -1,16 +1,19 @@
-"""The int8 U-Net's quality gate on held-out real pairs, and the paper U-Net's step time on the CPU.
+"""The int8 networks' quality gate on held-out real pairs, and the paper U-Net's step time on the CPU.
 
     python benchmarks/int8_gate.py [--model-dir DIR] [--held-out 2] [--training 0,1] \
-        [--calibrate 0,1] [--seeds 0-4] [--no-timing]
+        [--calibrate 0,1] [--seeds 0-4] [--networks unet,decoder,encoder] [--no-timing]
 
 Quality: each pair's CXR runs through the whole pipeline (the product's preprocessing, DDPM at its
-default steps, the output anchor) twice, with the same seeds: once with every network in torch bf16
-eager (the CPU pipeline's bf16), once with the same bf16 encoder and decoder and the U-Net replaced by
-the int8 OpenVINO IR (`engines/int8.py`). PSNR and SSIM against the real soft tissue are as in
-real_quality.py (bsldm_fast.metrics at 1024 px, images scaled by their stored type). Gate: on every
-held-out pair, int8's mean over seeds within 0.3 dB PSNR and 0.005 SSIM of bf16's. Training pairs
-are reported, labelled, and do not vote. The verdict goes to MODEL_DIR/engines/openvino/int8-gate.json,
-the whole record to benchmarks/results/int8-gate-<cpu>-<date>.json.
+default steps, the output anchor) with the same seeds: once with every network in OpenVINO bf16 (the
+reference), then with int8 IRs (`engines/int8.py`) for a growing set of networks, the others bf16.
+The set grows greedily in `--networks` order (default U-Net, decoder, encoder): a network is added to
+the set that passed so far and kept when the pipeline with that set stays within 0.3 dB PSNR and
+0.005 SSIM of the reference's mean over seeds on every held-out pair; a network that fails is
+recorded with its measured drop and left bf16. PSNR and SSIM against the real soft tissue are as in
+real_quality.py (bsldm_fast.metrics at 1024 px, images scaled by their stored type). Training pairs
+are reported, labelled, and do not vote. The verdict (per network, with each IR's key) goes to
+MODEL_DIR/engines/openvino/int8-gate.json, the whole record to
+benchmarks/results/int8-gate-<cpu>-<date>.json.
 
 Timing: the paper U-Net (random weights, batch 1, its latent size), median of 3 calls after a
 warm-up, OpenVINO bf16 (the fp32 ONNX graph with the bf16 inference-precision hint) vs OpenVINO int8
@@ -65,8 +68,21 @@ def _soft_tissue(pipeline: Pipeline, cxr: np.ndarray, seeds: list[int]) -> list[
     return [p.astype(np.float64) for p in preprocess.model_outputs(soft, inputs, pipeline.config)]
 
 
+def _summary(rows: list[dict], preds: dict, pair: str, role: str, candidate: str) -> dict:
+    mean = {name: {k: float(np.mean([r[k] for r in rows if r["pair"] == pair and r["pipeline"] == name]))
+                   for k in ("psnr", "ssim", "bsr")} for name in ("bf16", candidate)}
+    agreement = [metrics.psnr(b, i) for b, i in zip(preds["bf16"], preds[candidate])]
+    return {"role": role, **mean,
+            "psnr_drop": mean["bf16"]["psnr"] - mean[candidate]["psnr"],
+            "ssim_drop": mean["bf16"]["ssim"] - mean[candidate]["ssim"],
+            "int8_vs_bf16_psnr_db": float(np.mean(agreement))}
+
+
 def quality(model_dir: Path, pairs: Path, held_out: list[str], training: list[str],
-            calibrate: list[str], seeds: list[int], options: dict | None) -> dict:
+            calibrate: list[str], seeds: list[int], options: dict | None,
+            order: tuple[str, ...] = int8.NETWORKS) -> dict:
+    """Greedy over `order`: each network is added to the int8 set that passed so far, and kept when
+    the whole pipeline with that set stays within the bounds on every held-out pair."""
     model = modeldir.load(model_dir)
     seen = trained_real_pairs(model_dir) or []
     for pair in held_out:
@@ -75,51 +91,82 @@ def quality(model_dir: Path, pairs: Path, held_out: list[str], training: list[st
     calibration = [pairs / "cxr" / f"{c}.png" for c in calibrate]
     if any(c in held_out for c in calibrate):
         raise SystemExit("calibrating on a held-out pair's CXR would leak it into the gate")
-    started = time.perf_counter()
-    ir = int8.int8_unet_ir(model_dir, model, calibration, options=options)
-    build_s = time.perf_counter() - started
-    # The product's runners: OpenVINO bf16, and OpenVINO with the int8 U-Net (same bf16 VQGAN).
-    bf16 = OpenVINORunner(model.config, model.vqgan, model.unet, "bf16", model_dir)
-    candidate = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", model_dir, gated=False)
-    assert candidate.int8_refusal is None, candidate.int8_refusal
-    pipelines = {"bf16": Pipeline(model.config, bf16, "cpu"), "int8": Pipeline(model.config, candidate, "cpu")}
-    rows, summary = [], {}
-    for pair in held_out + training:
-        cxr, soft = _unit(pairs / "cxr" / f"{pair}.png"), _unit(pairs / "soft" / f"{pair}.png")
-        role = "held-out" if pair in held_out else "training"
-        preds = {name: _soft_tissue(p, cxr, seeds) for name, p in pipelines.items()}
-        for name, images in preds.items():
-            for seed, pred in zip(seeds, images):
+    irs, build_s = {}, {}
+    for network in order:
+        started = time.perf_counter()
+        irs[network] = str(int8.int8_ir(model_dir, model, network, calibration,
+                                        options=(options or {}).get(network)))
+        build_s[network] = time.perf_counter() - started
+        logger.info("%s IR ready in %.1f s", network, build_s[network])
+    # The product's runners: OpenVINO bf16, and OpenVINO with the int8 networks (bf16 for the rest).
+    bf16 = Pipeline(model.config, OpenVINORunner(model.config, model.vqgan, model.unet, "bf16", model_dir), "cpu")
+    data = {pair: (_unit(pairs / "cxr" / f"{pair}.png"), _unit(pairs / "soft" / f"{pair}.png"))
+            for pair in held_out + training}
+    rows = []
+
+    def measure_pipeline(name: str, pipeline: Pipeline) -> dict[str, list[np.ndarray]]:
+        preds = {}
+        for pair, (cxr, soft) in data.items():
+            role = "held-out" if pair in held_out else "training"
+            preds[pair] = _soft_tissue(pipeline, cxr, seeds)
+            for seed, pred in zip(seeds, preds[pair]):
                 scores = metrics.evaluate(pred, soft, cxr).as_dict()
-                rows.append({"pair": pair, "role": role, "unet": name, "seed": seed,
+                rows.append({"pair": pair, "role": role, "pipeline": name, "seed": seed,
                              "psnr": scores["psnr"], "ssim": scores["ssim"], "bsr": scores["bsr"]})
-        agreement = [metrics.psnr(b, i) for b, i in zip(preds["bf16"], preds["int8"])]
-        mean = {name: {k: float(np.mean([r[k] for r in rows if r["pair"] == pair and r["unet"] == name]))
-                       for k in ("psnr", "ssim", "bsr")} for name in preds}
-        summary[pair] = {"role": role, **mean,
-                         "psnr_drop": mean["bf16"]["psnr"] - mean["int8"]["psnr"],
-                         "ssim_drop": mean["bf16"]["ssim"] - mean["int8"]["ssim"],
-                         "int8_vs_bf16_psnr_db": float(np.mean(agreement))}
-        logger.info("pair %s (%s): %s", pair, role, json.dumps(summary[pair]))
-    failures = [f"pair {p}: PSNR {s['psnr_drop']:+.3f} dB, SSIM {s['ssim_drop']:+.4f} below bf16"
-                for p, s in summary.items() if s["role"] == "held-out"
-                and (s["psnr_drop"] > int8.GATE_PSNR_DB or s["ssim_drop"] > int8.GATE_SSIM)]
+        return preds
+
+    reference = measure_pipeline("bf16", bf16)
+    accepted: list[str] = []
+    configurations, networks = [], {}
+    for network in order:
+        trial = accepted + [network]
+        name = "int8:" + "+".join(trial)
+        runner = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", model_dir, gated=False,
+                                int8_networks=trial)
+        assert runner.int8_networks == tuple(n for n in int8.NETWORKS if n in trial), runner.int8_refusals
+        preds = measure_pipeline(name, Pipeline(model.config, runner, "cpu"))
+        summary = {}
+        for pair in data:
+            role = "held-out" if pair in held_out else "training"
+            summary[pair] = _summary(rows, {"bf16": reference[pair], name: preds[pair]}, pair, role, name)
+            logger.info("%s, pair %s (%s): %s", name, pair, role, json.dumps(summary[pair]))
+        failures = [f"pair {p}: PSNR {s['psnr_drop']:+.3f} dB, SSIM {s['ssim_drop']:+.4f} below bf16"
+                    for p, s in summary.items() if s["role"] == "held-out"
+                    and (s["psnr_drop"] > int8.GATE_PSNR_DB or s["ssim_drop"] > int8.GATE_SSIM)]
+        held = {p: {"psnr_drop": s["psnr_drop"], "ssim_drop": s["ssim_drop"]}
+                for p, s in summary.items() if s["role"] == "held-out"}
+        if failures:
+            reason = f"with int8 {'+'.join(trial)}: " + "; ".join(failures)
+        else:
+            accepted.append(network)
+            reason = f"within the bounds on every held-out pair with int8 {'+'.join(trial)}"
+        networks[network] = {"passed": not failures, "reason": reason, "measured_with": trial,
+                             "held_out_drops": held, "calibration": int8.calibration_record(model_dir, network),
+                             "options": int8.network_options(network, (options or {}).get(network))}
+        configurations.append({"int8": trial, "passed": not failures, "summary": summary})
+        logger.info("%s: %s", network, reason)
+    unet = networks.get("unet", {"passed": False, "reason": "not measured"})
     verdict = {
-        "passed": not failures,
-        "reason": "; ".join(failures) or "within the bounds on every held-out pair",
+        "networks": networks,
+        "passed": unet["passed"],  # the U-Net-only format's fields (the U-Net's verdict)
+        "reason": unet["reason"],
+        "order": list(order),
+        "rule": "greedy in this order: a network is added to the int8 set that passed so far and kept "
+                "when the pipeline with the set stays within the bounds on every held-out pair",
         "bounds": {"psnr_db": int8.GATE_PSNR_DB, "ssim": int8.GATE_SSIM},
         "held_out": held_out, "training_pairs_reported": training, "seeds": seeds,
         "sampler": DEFAULT_SAMPLER, "steps": resolve_steps(DEFAULT_SAMPLER, None),
         "reference": "OpenVINO bf16 runner (encoder, U-Net, decoder; timestep embedding and codebook "
                      "search float32)",
-        "candidate": "the same runner with the int8 U-Net IR (bf16 hint for its float layers, the "
-                     "timestep embedding float32): what --backend openvino --precision int8 runs",
-        "calibration": int8.calibration_record(model_dir),
-        "options": {**int8.QUANTIZATION_OPTIONS, **(options or {})},
-        "summary": summary, "date": time.strftime("%Y-%m-%d", time.gmtime()),
+        "candidate": "the same runner with the named networks' int8 IRs (bf16 hint for their float "
+                     "layers; the timestep embedding and the codebook search float32): what "
+                     "--backend openvino --precision int8 runs",
+        "configurations": configurations,
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     int8.write_gate(model_dir, verdict)
-    return {**verdict, "model_dir": str(model_dir), "ir": str(ir), "ir_build_s": build_s, "rows": rows}
+    return {**verdict, "int8_networks": accepted, "model_dir": str(model_dir), "irs": irs,
+            "ir_build_s": build_s, "rows": rows}
 
 
 def paper_timing(repeats: int = 3) -> dict:
@@ -199,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--training", default="0,1", help="pairs also reported, labelled as training")
     parser.add_argument("--calibrate", default="0,1", help="pairs whose CXR calibrates (plus phantoms)")
     parser.add_argument("--seeds", default="0-4")
-    parser.add_argument("--options", default=None, help="NNCF options as JSON, over the defaults")
+    parser.add_argument("--options", default=None,
+                        help='NNCF options per network as JSON, over the defaults: {"decoder": {...}}')
+    parser.add_argument("--networks", default=",".join(int8.NETWORKS),
+                        help="the networks tried in int8, in the order the greedy gate adds them")
     parser.add_argument("--no-quality", action="store_true")
     parser.add_argument("--no-timing", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -214,8 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_quality:
         record["quality"] = quality(Path(args.model_dir), Path(args.pairs), split(args.held_out),
                                     split(args.training), split(args.calibrate), parse_seeds(args.seeds),
-                                    json.loads(args.options) if args.options else None)
-        logger.info("gate passed: %s (%s)", record["quality"]["passed"], record["quality"]["reason"])
+                                    json.loads(args.options) if args.options else None,
+                                    tuple(split(args.networks)))
+        logger.info("int8 networks: %s", record["quality"]["int8_networks"])
+        for network, entry in record["quality"]["networks"].items():
+            logger.info("%s: %s", network, entry["reason"])
     if not args.no_timing:
         record["paper_unet_timing"] = paper_timing()
         record["load_average_at_end"] = os.getloadavg()

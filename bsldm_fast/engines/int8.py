@@ -1,19 +1,29 @@
-"""Int8 U-Net for the CPU: NNCF post-training quantisation of the fp32 ONNX U-Net to an OpenVINO IR,
-and the quality gate that decides whether a model may use it.
+"""Int8 networks for the CPU: NNCF post-training quantisation of the fp32 ONNX U-Net, VQ decoder and
+VQ encoder to OpenVINO IRs, and the quality gate that decides which of them a model may use.
 
-The calibration set is what the U-Net sees in use (`quantize.calibration_feeds`): radiographs (the
-bundled SZCH samples by default) plus a few synthetic phantoms are encoded, sampled with the default
-sampler and with DPM-Solver++, and every (U, t) the denoiser is called with is recorded. Never random
-tensors: the activation ranges of a diffusion U-Net depend on t and on real-looking latents.
+Calibration is on what each network sees in use, never random tensors. For the U-Net
+(`quantize.calibration_feeds`): radiographs (the bundled SZCH samples by default) plus a few
+synthetic phantoms are encoded, sampled with the default sampler and with DPM-Solver++, and every
+(U, t) the denoiser is called with is recorded: the activation ranges of a diffusion U-Net depend on
+t and on real-looking latents. For the encoder: those same images, as the model reads them. For the
+decoder: the final sampled latents of those same sampling runs, snapped to the codebook when the
+model decodes quantised samples (`diffusion.quantize_sample`), plus the images' own encoder latents
+(`vq_calibration_set`).
 
-Layout in a model directory (beside the TensorRT engines of engines/cache.py):
+The encoder IR is the encoder graph cut at the float32 latent (`openvino.split_model`) before it
+is quantised: the codebook search is never int8; `kernels.vq_quantize` does it in float32.
 
-    engines/openvino/unet-int8.xml (+ .bin)   the quantised U-Net, float32 I/O "U", "t" -> "eps"
-    engines/openvino/unet-int8.xml.json       its manifest (`Int8Key`); any change rebuilds it
-    engines/openvino/int8-gate.json           the verdict of benchmarks/int8_gate.py
+Layout in a model directory (beside the TensorRT engines of engines/cache.py), NET one of `NETWORKS`:
 
-A model runs the int8 U-Net only when the gate's verdict passed for the IR that is there now
-(`int8_refusal` says why not otherwise, for the runner to log before it runs bf16).
+    engines/openvino/NET-int8.xml (+ .bin)    the quantised network, float32 I/O as its ONNX graph
+                                              (the encoder's output is the latent before the search)
+    engines/openvino/NET-int8.xml.json        its manifest (`Int8Key`); any change rebuilds it
+    engines/openvino/NET-int8-calibration.json  what it was calibrated on
+    engines/openvino/int8-gate.json           the verdict of benchmarks/int8_gate.py, per network
+
+A model runs a network in int8 only when the gate's verdict passed that network for the IR that is
+there now (`int8_refusal(model_dir, network)` says why not otherwise, for the runner to log before
+it runs that network in bf16).
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ from .cache import ENGINE_DIR, EngineError, differences, model_hash, read_manife
 logger = logging.getLogger(__name__)
 
 OPENVINO_DIR = "openvino"
+NETWORKS = ("unet", "decoder", "encoder")
+"""The networks that may run int8, in the order the gate adds them (benchmarks/int8_gate.py): the
+U-Net first (it runs at every step), then the decoder (its error lands in the image once, unamplified),
+then the encoder (a flipped code in the condition steers every step after it)."""
 INT8_IR = "unet-int8.xml"
 GATE_FILE = "int8-gate.json"
 SAMPLE_RADIOGRAPHS = Path(__file__).resolve().parents[2] / "assets" / "szch_samples" / "cxr"
@@ -61,6 +75,27 @@ GATE_SSIM = 0.005
 IGNORED_PATTERNS = (r".*/time_embed/.*", r".*/emb_layers/.*")
 QUANTIZATION_OPTIONS = {"preset": "mixed", "model_type": None, "fast_bias_correction": True,
                         "ignored": "first-conv", "activations_range": "mean_minmax"}
+"""The U-Net's NNCF options."""
+# NOTE: VQ options, measured on the bundled model against fp32 torch on held-out inputs (pair 2's
+# CXR and an unseen phantom; for the decoder their DDPM-10 sampled latents, seeds 0-1, snapped to
+# the codebook, and their own latents), calibrated as `int8_ir` does (CXRs 0, 1 and phantoms 0-2),
+# float layers under the bf16 hint. Encoder, share of latent positions whose code changes (the
+# search in float32 on its latent; the bf16 encoder: 0.034): MIXED preset, nothing float 0.136;
+# first conv float 0.119; last conv (the one writing the latent) float 0.131; both float 0.112;
+# both + PERFORMANCE preset 0.112; both + min-max ranges 0.114; both + histogram ranges 0.107 (but
+# latent max error 0.042 vs 0.016); full bias correction: identical. Decoder, PSNR of its image vs
+# fp32 (the bf16 decoder: 72.2 dB): nothing float 51.7 dB; first conv float 52.3; last conv (the
+# transposed conv writing the image) float 50.5; both 51.0; both + PERFORMANCE 50.4; both + min-max
+# 49.6. So the encoder keeps its first and last convolutions float (the image's and the latent's
+# ranges are the ones per-tensor int8 spends worst, and the flips are what the gate sees), the
+# decoder only its first (keeping the last float measured no better). There is no GroupNorm in
+# this VQGAN. Whether the encoder's ~3x more flipped codes than bf16 matter is the gate's call.
+ENCODER_OPTIONS = {"preset": "mixed", "model_type": None, "fast_bias_correction": True,
+                   "ignored": "first-last-conv", "activations_range": "mean_minmax"}
+DECODER_OPTIONS = {"preset": "mixed", "model_type": None, "fast_bias_correction": True,
+                   "ignored": "first-conv", "activations_range": "mean_minmax"}
+DEFAULT_OPTIONS = {"unet": QUANTIZATION_OPTIONS, "encoder": ENCODER_OPTIONS, "decoder": DECODER_OPTIONS}
+CONVOLUTIONS = ("Convolution", "ConvolutionBackpropData", "GroupConvolution")
 
 
 def require_openvino():
@@ -69,17 +104,28 @@ def require_openvino():
         import nncf
         import openvino
     except ImportError as error:
-        raise EngineError("the int8 U-Net needs OpenVINO and NNCF: "
+        raise EngineError("the int8 networks need OpenVINO and NNCF: "
                           "pip install 'bsldm-fast[int8]' (openvino and nncf)") from error
     return openvino, nncf
+
+
+def _check_network(network: str) -> str:
+    if network not in NETWORKS:
+        raise ValueError(f"unknown network {network!r}; the int8 networks are {NETWORKS}")
+    return network
+
+
+def network_options(network: str, options: dict | None = None) -> dict:
+    """The NNCF options of a network: its defaults, overridden by `options`."""
+    return {**DEFAULT_OPTIONS[_check_network(network)], **(options or {})}
 
 
 def openvino_dir(model_dir: str | Path) -> Path:
     return Path(model_dir) / ENGINE_DIR / OPENVINO_DIR
 
 
-def int8_ir_path(model_dir: str | Path) -> Path:
-    return openvino_dir(model_dir) / INT8_IR
+def int8_ir_path(model_dir: str | Path, network: str = "unet") -> Path:
+    return openvino_dir(model_dir) / f"{_check_network(network)}-int8.xml"
 
 
 def gate_path(model_dir: str | Path) -> Path:
@@ -88,14 +134,16 @@ def gate_path(model_dir: str | Path) -> Path:
 
 @dataclass(frozen=True)
 class Int8Key:
-    """What the int8 IR depends on; any change makes it stale."""
+    """What an int8 IR depends on; any change makes it stale."""
 
     graph: str
+    """The network: 'unet', 'decoder' or 'encoder'."""
     model_hash: str
     openvino_version: str
     nncf_version: str
     calibration: str
-    """Digest of the calibration images (as fed to the encoder) and of the sampling runs recorded."""
+    """Digest of the calibration images (as fed to the encoder) and of the sampling runs recorded
+    (for the encoder, the images alone)."""
     options: str
     """The NNCF options, as JSON."""
 
@@ -130,10 +178,15 @@ def calibration_units(model: Model, calibration_images: Sequence[str | Path] | N
 
 
 def calibration_digest(images: torch.Tensor, runs=CALIBRATION_RUNS) -> str:
-    """The calibration set's digest: with the weights (in the key too) it fixes every (U, t)."""
+    """The calibration set's digest: with the weights (in the key too) it fixes every network input."""
     digest = hashlib.sha256(images.detach().float().contiguous().numpy().tobytes())
     digest.update(json.dumps([list(run) for run in runs]).encode())
     return digest.hexdigest()[:16]
+
+
+def _network_runs(network: str, runs) -> tuple:
+    """The sampling runs a network's calibration depends on: none for the encoder (it reads the images)."""
+    return () if network == "encoder" else tuple(runs)
 
 
 def calibration_set(model: Model, images: torch.Tensor, runs=CALIBRATION_RUNS) -> list[dict[str, np.ndarray]]:
@@ -148,6 +201,41 @@ def calibration_set(model: Model, images: torch.Tensor, runs=CALIBRATION_RUNS) -
     return feeds
 
 
+def sampled_latents(model: Model, images: torch.Tensor, runs=CALIBRATION_RUNS) -> torch.Tensor:
+    """What the decoder is given for `images` in each sampling run (the fp32 torch pipeline, seeds
+    `seed + i` as `quantize.calibration_feeds` draws them): the final sampled latents, snapped to the
+    codebook when the model decodes quantised samples."""
+    from ..pipeline import Pipeline
+
+    pipeline = Pipeline.create(model.config, model.vqgan, model.unet, device="cpu")
+    latents = []
+    with torch.inference_mode():
+        cond = pipeline.encode(images)
+        for sampler, steps, seed in runs:
+            x = pipeline.sample_latents(cond, [seed + i for i in range(cond.shape[0])], sampler,
+                                        steps or _default_steps(sampler))
+            latents.append(pipeline.quantize(x) if model.config.diffusion.quantize_sample else x)
+    return torch.cat(latents)
+
+
+def vq_calibration_set(model: Model, images: torch.Tensor, network: str,
+                       runs=CALIBRATION_RUNS) -> list[dict[str, np.ndarray]]:
+    """Batch-1 feeds of the encoder (the images) or the decoder (the sampled latents of every run,
+    `sampled_latents`, then the images' own quantised encoder latents)."""
+    if network == "encoder":
+        inputs, name = images.float(), "image"
+    elif network == "decoder":
+        from ..pipeline import Pipeline
+
+        with torch.inference_mode():
+            own = Pipeline.create(model.config, model.vqgan, model.unet, device="cpu").encode(images)
+        inputs, name = torch.cat([sampled_latents(model, images, runs), own]), "latent"
+    else:
+        raise ValueError(f"not a VQ network: {network!r}")
+    array = inputs.detach().cpu().float().numpy()
+    return [{name: array[i:i + 1]} for i in range(len(array))]
+
+
 def _default_steps(sampler: str) -> int:
     from ..diffusion.plan import resolve_steps
 
@@ -156,12 +244,22 @@ def _default_steps(sampler: str) -> int:
 
 # Quantisation --------------------------------------------------------------------------------
 
-def ignored_scope(nncf, ignored: str):
-    """NNCF's IgnoredScope for an option name: 'none', 'time-embedding', 'first-conv' (the time
-    embedding and the first convolution, which reads x_t and the CXR latent at once) or 'attention'
-    (the time embedding and the attention blocks)."""
+def ignored_scope(nncf, ignored: str, model=None):
+    """NNCF's IgnoredScope for an option name. U-Net: 'none', 'time-embedding', 'first-conv' (the
+    time embedding and the first convolution, which reads x_t and the CXR latent at once) or
+    'attention' (the time embedding and the attention blocks). VQ encoder/decoder (`model` given):
+    'none', 'first-conv' (the convolution reading the input), 'last-conv' (the one writing the
+    output) or 'first-last-conv', found by their place in `model`'s graph."""
     if ignored == "none":
         return None
+    if model is not None:
+        convolutions = [op.get_friendly_name() for op in model.get_ordered_ops()
+                        if op.get_type_name() in CONVOLUTIONS]
+        names = {"first-conv": convolutions[:1], "last-conv": convolutions[-1:],
+                 "first-last-conv": [convolutions[0], convolutions[-1]]}.get(ignored)
+        if names is None:
+            raise ValueError(f"unknown ignored scope {ignored!r} for a VQ network")
+        return nncf.IgnoredScope(names=names, validate=False)
     patterns = list(IGNORED_PATTERNS)
     if ignored == "first-conv":
         patterns.append(r".*/input_blocks\.0/.*")
@@ -172,12 +270,8 @@ def ignored_scope(nncf, ignored: str):
     return nncf.IgnoredScope(patterns=patterns, validate=False)
 
 
-def quantize_unet(onnx_file: str | Path, feeds: list[dict[str, np.ndarray]],
-                  options: dict | None = None):
-    """The fp32 ONNX U-Net as an OpenVINO model with int8 weights and activations (NNCF PTQ)."""
-    ov, nncf = require_openvino()
-    options = {**QUANTIZATION_OPTIONS, **(options or {})}
-    model = ov.Core().read_model(str(onnx_file))
+def _quantize(model, feeds: list[dict[str, np.ndarray]], options: dict, scope):
+    _, nncf = require_openvino()
     presets = {"performance": nncf.QuantizationPreset.PERFORMANCE, "mixed": nncf.QuantizationPreset.MIXED}
     model_type = nncf.ModelType.TRANSFORMER if options["model_type"] == "transformer" else None
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters
@@ -189,16 +283,42 @@ def quantize_unet(onnx_file: str | Path, feeds: list[dict[str, np.ndarray]],
     return nncf.quantize(
         model, nncf.Dataset(feeds), preset=presets[options["preset"]], model_type=model_type,
         subset_size=len(feeds), fast_bias_correction=options["fast_bias_correction"],
-        ignored_scope=ignored_scope(nncf, options["ignored"]),
+        ignored_scope=scope,
         advanced_parameters=AdvancedQuantizationParameters(activations_range_estimator_params=ranges),
     )
 
 
-def int8_key(model_dir: str | Path, calibration: str, options: dict | None = None) -> Int8Key:
+def quantize_unet(onnx_file: str | Path, feeds: list[dict[str, np.ndarray]],
+                  options: dict | None = None):
+    """The fp32 ONNX U-Net as an OpenVINO model with int8 weights and activations (NNCF PTQ)."""
     ov, nncf = require_openvino()
-    options = {**QUANTIZATION_OPTIONS, **(options or {})}
-    return Int8Key("unet", model_hash(model_dir), ov.__version__, nncf.__version__, calibration,
-                   json.dumps(options, sort_keys=True))
+    options = network_options("unet", options)
+    model = ov.Core().read_model(str(onnx_file))
+    return _quantize(model, feeds, options, ignored_scope(nncf, options["ignored"]))
+
+
+def quantize_vq(onnx_file: str | Path, network: str, feeds: list[dict[str, np.ndarray]],
+                options: dict | None = None):
+    """The fp32 ONNX encoder or decoder as an OpenVINO model with int8 weights and activations
+    (NNCF PTQ). The encoder is first cut at the float32 latent before the codebook search
+    (`openvino.split_model`), so the search is not in the quantised model at all."""
+    from .openvino import split_model
+
+    ov, nncf = require_openvino()
+    options = network_options(network, options)
+    model = ov.Core().read_model(str(onnx_file))
+    if network == "encoder":
+        model = split_model(model, "encoder")
+    elif network != "decoder":
+        raise ValueError(f"not a VQ network: {network!r}")
+    return _quantize(model, feeds, options, ignored_scope(nncf, options["ignored"], model))
+
+
+def int8_key(model_dir: str | Path, calibration: str, options: dict | None = None,
+             network: str = "unet") -> Int8Key:
+    ov, nncf = require_openvino()
+    return Int8Key(network, model_hash(model_dir), ov.__version__, nncf.__version__, calibration,
+                   json.dumps(network_options(network, options), sort_keys=True))
 
 
 def int8_unet_ir(model_dir: str | Path, model: Model,
@@ -206,19 +326,31 @@ def int8_unet_ir(model_dir: str | Path, model: Model,
                  phantoms: Sequence[int] = PHANTOM_SEEDS, options: dict | None = None,
                  runs: Sequence[tuple[str, int | None, int]] = CALIBRATION_RUNS,
                  force: bool = False) -> Path:
-    """`engines/openvino/unet-int8.xml` of a model directory, quantised when missing or stale.
+    """`engines/openvino/unet-int8.xml` of a model directory, quantised when missing or stale
+    (`int8_ir`)."""
+    return int8_ir(model_dir, model, "unet", calibration_images, phantoms, options, runs, force)
+
+
+def int8_ir(model_dir: str | Path, model: Model, network: str = "unet",
+            calibration_images: Sequence[str | Path] | None = None,
+            phantoms: Sequence[int] = PHANTOM_SEEDS, options: dict | None = None,
+            runs: Sequence[tuple[str, int | None, int]] = CALIBRATION_RUNS,
+            force: bool = False) -> Path:
+    """`engines/openvino/<network>-int8.xml` of a model directory, quantised when missing or stale.
 
     Stale means its manifest differs from the key of the weights, OpenVINO and NNCF versions, the
-    calibration set (images and sampling `runs`) and the options. `calibration_images=None` names
-    no calibration set: an IR calibrated on any set is kept (the one the gate measured, typically),
-    and a missing or stale one is calibrated on the bundled samples. An IR without a manifest is
-    someone else's and is refused.
+    calibration set (images and sampling `runs`; the encoder's is the images alone) and the options.
+    `calibration_images=None` names no calibration set: an IR calibrated on any set is kept (the one
+    the gate measured, typically), and a missing or stale one is calibrated on the bundled samples.
+    An IR without a manifest is someone else's and is refused.
     """
     from .onnx_export import export_model_dir
 
+    _check_network(network)
+    runs = _network_runs(network, runs)
     images, names = calibration_units(model, calibration_images, phantoms)
-    key = int8_key(model_dir, calibration_digest(images, runs), options)
-    path = int8_ir_path(model_dir)
+    key = int8_key(model_dir, calibration_digest(images, runs), options, network)
+    path = int8_ir_path(model_dir, network)
     if path.exists() and not force:
         recorded = read_manifest(path, Int8Key)
         if recorded == key or (recorded is not None and calibration_images is None
@@ -228,14 +360,20 @@ def int8_unet_ir(model_dir: str | Path, model: Model,
             raise EngineError(f"{path} exists and was not written by bsldm_fast; move it away")
         logger.info("rebuilding %s: %s", path, "; ".join(differences(recorded, key)))
     ov, _ = require_openvino()
-    source = export_model_dir(model_dir, "fp32", ("unet",), model=model)[0].path
-    feeds = calibration_set(model, images, runs)
-    logger.info("quantising %s to int8 on %d U-Net inputs from %d images", source, len(feeds), len(images))
-    quantized = quantize_unet(source, feeds, options)
+    source = export_model_dir(model_dir, "fp32", (network,), model=model)[0].path
+    if network == "unet":
+        feeds = calibration_set(model, images, runs)
+        quantized = quantize_unet(source, feeds, options)
+    else:
+        feeds = vq_calibration_set(model, images, network, runs)
+        quantized = quantize_vq(source, network, feeds, options)
+    logger.info("quantised %s to int8 on %d %s inputs from %d images", source, len(feeds), network,
+                len(images))
     path.parent.mkdir(parents=True, exist_ok=True)
     _save_ir(ov, quantized, path)
     write_manifest(path, key)
-    _calibration_note(path).write_text(json.dumps({"images": names, "runs": list(runs),
+    _calibration_note(path).write_text(json.dumps({"network": network, "images": names,
+                                                   "runs": [list(r) for r in runs],
                                                    "inputs": len(feeds)}, indent=2) + "\n")
     return path
 
@@ -244,10 +382,10 @@ def _calibration_note(path: Path) -> Path:
     return path.with_name(path.stem + "-calibration.json")
 
 
-def calibration_record(model_dir: str | Path) -> dict | None:
+def calibration_record(model_dir: str | Path, network: str = "unet") -> dict | None:
     """Which images and sampling runs the IR was calibrated on, as written beside it."""
     try:
-        return json.loads(_calibration_note(int8_ir_path(model_dir)).read_text())
+        return json.loads(_calibration_note(int8_ir_path(model_dir, network)).read_text())
     except (OSError, ValueError):
         return None
 
@@ -266,27 +404,51 @@ def _save_ir(ov, model, path: Path) -> None:
 
 
 def compile_unet(path: str | Path, precision: str = "bf16"):
-    """An OpenVINO IR or ONNX U-Net compiled for the CPU; `precision` is the inference-precision hint
-    for the layers that are not int8 ('bf16' or 'f32')."""
+    """An OpenVINO IR or ONNX network (any of them, despite the name) compiled for the CPU;
+    `precision` is the inference-precision hint for the layers that are not int8 ('bf16' or 'f32')."""
     ov, _ = require_openvino()
     core = ov.Core()
     return core.compile_model(core.read_model(str(path)), "CPU",
                               {"INFERENCE_PRECISION_HINT": precision})
 
 
+compile_ir = compile_unet
+
+
 # The gate ------------------------------------------------------------------------------------
 
 def write_gate(model_dir: str | Path, verdict: dict) -> Path:
-    """Record the gate's verdict beside the IR, with the key of the IR it was measured on."""
+    """Record the gate's verdict beside the IRs, with the key of each IR it was measured on.
+
+    `verdict["networks"]` maps each network judged to {"passed": bool, "reason": str, ...}; a
+    verdict without it (the U-Net-only format) is the U-Net's, from its "passed" and "reason".
+    The record gets "int8_networks" (those that passed) and each network's "ir_key"."""
+    networks = _network_verdicts(verdict)
+    for network, entry in networks.items():
+        key = read_manifest(int8_ir_path(model_dir, network), Int8Key)
+        entry["ir_key"] = asdict(key) if key is not None else None
+    record = {**verdict, "networks": networks,
+              "int8_networks": [n for n in NETWORKS if networks.get(n, {}).get("passed")]}
+    if "unet" in networks:  # the U-Net-only format's fields, for readers of it
+        record["ir_key"] = networks["unet"]["ir_key"]
     path = gate_path(model_dir)
-    key = read_manifest(int8_ir_path(model_dir), Int8Key)
-    record = {**verdict, "ir_key": asdict(key) if key is not None else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
     return path
 
 
+def _network_verdicts(record: dict) -> dict[str, dict]:
+    networks = record.get("networks")
+    if isinstance(networks, dict):
+        return {n: dict(v) for n, v in networks.items() if n in NETWORKS and isinstance(v, dict)}
+    if "passed" in record:  # the U-Net-only format
+        return {"unet": {"passed": bool(record["passed"]), "reason": record.get("reason", ""),
+                         **({"ir_key": record["ir_key"]} if "ir_key" in record else {})}}
+    return {}
+
+
 def int8_gate(model_dir: str | Path) -> dict | None:
-    """The gate's verdict for this model directory's int8 IR, or None when there is none."""
+    """The gate's verdict for this model directory's int8 IRs, or None when there is none."""
     try:
         record = json.loads(gate_path(model_dir).read_text())
     except (OSError, ValueError):
@@ -294,25 +456,33 @@ def int8_gate(model_dir: str | Path) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
-def int8_refusal(model_dir: str | Path | None) -> str | None:
-    """Why the int8 U-Net cannot run for this model (it runs bf16 instead), or None when it can."""
+def int8_refusal(model_dir: str | Path | None, network: str = "unet") -> str | None:
+    """Why `network` cannot run int8 for this model (it runs bf16 instead), or None when it can:
+    the gate's verdict passed it for the IR that is there now, and the weights are the IR's."""
+    name = {"unet": "U-Net", "decoder": "VQ decoder", "encoder": "VQ encoder"}[_check_network(network)]
     if model_dir is None:
-        return "the int8 U-Net belongs to a model directory, and this model has none"
-    path = int8_ir_path(model_dir)
+        return f"the int8 {name} belongs to a model directory, and this model has none"
+    path = int8_ir_path(model_dir, network)
     key = read_manifest(path, Int8Key)
     if not path.exists() or key is None:
-        return f"no int8 U-Net in {path.parent}; build it and run benchmarks/int8_gate.py"
+        return f"no int8 {name} in {path.parent}; build it and run benchmarks/int8_gate.py"
     verdict = int8_gate(model_dir)
-    if verdict is None:
-        return f"the int8 U-Net of {model_dir} has not been through the quality gate (benchmarks/int8_gate.py)"
-    if verdict.get("ir_key") != asdict(key):
-        return f"the int8 U-Net of {model_dir} changed since its quality gate; rerun benchmarks/int8_gate.py"
+    entry = _network_verdicts(verdict).get(network) if verdict is not None else None
+    if entry is None:
+        return f"the int8 {name} of {model_dir} has not been through the quality gate (benchmarks/int8_gate.py)"
+    if entry.get("ir_key") != asdict(key):
+        return f"the int8 {name} of {model_dir} changed since its quality gate; rerun benchmarks/int8_gate.py"
     try:
         if key.model_hash != model_hash(model_dir):
-            return f"the int8 U-Net of {model_dir} is stale (the weights or config changed)"
+            return f"the int8 {name} of {model_dir} is stale (the weights or config changed)"
     except OSError as error:
         return f"cannot hash the weights of {model_dir}: {error}"
-    if not verdict.get("passed"):
-        return (f"the int8 U-Net of {model_dir} failed the quality gate: {verdict.get('reason', '')}"
+    if not entry.get("passed"):
+        return (f"the int8 {name} of {model_dir} failed the quality gate: {entry.get('reason', '')}"
                 .rstrip(": "))
     return None
+
+
+def int8_networks(model_dir: str | Path | None) -> tuple[str, ...]:
+    """The networks this model may run int8 now (`int8_refusal` is None for each)."""
+    return tuple(n for n in NETWORKS if int8_refusal(model_dir, n) is None)

@@ -16,6 +16,11 @@ and those parts run in float32 PyTorch beside the compiled model, the way the Py
   `models.unet.timestep_embedding` in float32;
 - the codebook search: the distance matmul in bf16 flips near-tied codes. The encoder graph ends at
   the float32 latent before quantisation, and `kernels.vq_quantize` picks the codes in float32.
+
+Precision 'int8' (engines/int8.py): each network (U-Net, VQ decoder, VQ encoder) whose NNCF int8 IR
+passed the model's quality gate runs from that IR, its float layers under the bf16 hint and with the
+same cuts (the int8 encoder IR is quantised already cut, so the search never sees int8); the others
+run bf16, and the runner logs why for each (`int8_refusals`, `int8_networks`).
 """
 
 from __future__ import annotations
@@ -221,9 +226,10 @@ def split_model(model: "openvino.Model", graph: str) -> "openvino.Model":
 
 
 def compile_graph(source, graph: str, spec: GraphSpec, batch: int,
-                  precision: str) -> "openvino.CompiledModel":
+                  precision: str, split: bool = True) -> "openvino.CompiledModel":
     """Compile an ONNX graph or OpenVINO IR (a file path) or an in-memory onnx.ModelProto for the CPU
-    at one batch size: read, reshape to static shapes, split (`split_model`), compile in `precision`."""
+    at one batch size: read, reshape to static shapes, split (`split_model`; `split=False` for a
+    graph already cut, the int8 encoder IR), compile in `precision`."""
     ov = openvino_module()
     core = ov.Core()
     if isinstance(source, (str, Path)):
@@ -232,7 +238,7 @@ def compile_graph(source, graph: str, spec: GraphSpec, batch: int,
         model = core.read_model(source.SerializeToString(), ov.Tensor(np.empty(0, dtype=np.uint8)))
     model.reshape({name: ov.PartialShape(list(shape)) for name, shape in spec.shapes(batch).items()})
     logger.info("compiling the OpenVINO %s (%s, batch %d)", graph, precision, batch)
-    return core.compile_model(split_model(model, graph), "CPU", _properties(precision))
+    return core.compile_model(split_model(model, graph) if split else model, "CPU", _properties(precision))
 
 
 def runtime_precisions(compiled: "openvino.CompiledModel") -> dict[tuple[str, str], int]:
@@ -250,29 +256,49 @@ class OpenVINORunner:
     compiled on first use: from the model directory's cached fp32 ONNX graphs (and then cached
     there, `ensure_compiled`), or, for a model without a (writable) directory, from graphs exported
     in memory and compiled uncached. `precision` is OpenVINO's inference-precision hint ('fp32' or 'bf16');
-    see the module docstring for what stays float32."""
+    see the module docstring for what stays float32.
+
+    'int8' runs each network whose int8 IR passed the model's quality gate (engines/int8.py) from
+    that IR, its float layers under the bf16 hint, and the others in bf16, logging why for each.
+    `int8_networks` limits which networks may run int8 at all (default: every one); `gated=False` is
+    for the gate itself (benchmarks/int8_gate.py): those networks run int8 whenever their IR exists,
+    the verdict being what is measured."""
 
     def __init__(self, config: ModelConfig, vqgan: VQGAN, unet: UNet, precision: str = "fp32",
                  model_dir: str | Path | None = None, device: torch.device | str = "cpu",
-                 step_backend: str = "auto", gated: bool = True):
+                 step_backend: str = "auto", gated: bool = True,
+                 int8_networks: "tuple[str, ...] | list[str] | None" = None):
         reason = openvino_unavailable(device)
         if reason is not None:
             raise EngineError(f"the OpenVINO runner cannot run: {reason}")
-        self.int8_refusal: str | None = None
-        """Why an 'int8' runner runs its U-Net in bf16 (None: the int8 U-Net runs)."""
+        self.int8_refusals: dict[str, str | None] = {}
+        """For an 'int8' runner, network -> why it runs in bf16 (None: it runs int8)."""
         if precision == "int8":
-            from .int8 import int8_refusal
+            from .int8 import NETWORKS, int8_refusal
 
-            # `gated=False` is for the gate itself (benchmarks/int8_gate.py): the IR must exist, its
-            # verdict is what is being measured.
-            self.int8_refusal = int8_refusal(model_dir) if gated else _ir_missing(model_dir)
-            if self.int8_refusal is not None:
-                logger.warning("running the U-Net in bf16, not int8: %s", self.int8_refusal)
+            wanted = NETWORKS if int8_networks is None else tuple(int8_networks)
+            unknown = sorted(set(wanted) - set(NETWORKS))
+            if unknown:
+                raise ValueError(f"unknown int8 networks {unknown}; choose from {NETWORKS}")
+            for network in NETWORKS:
+                if network not in wanted:
+                    self.int8_refusals[network] = f"the {network} was not asked to run int8"
+                    continue
+                refusal = int8_refusal(model_dir, network) if gated else _ir_missing(model_dir, network)
+                self.int8_refusals[network] = refusal
+                if refusal is not None:
+                    logger.warning("running the %s in bf16, not int8: %s", network, refusal)
+            if all(r is not None for r in self.int8_refusals.values()):
+                logger.warning("no network of this model runs int8: every network runs in bf16")
         else:
             _properties(precision)  # validates it
+        self.int8_networks: tuple[str, ...] = tuple(n for n, r in self.int8_refusals.items() if r is None)
+        """The networks that run int8 (empty unless precision is 'int8')."""
+        self.int8_refusal: str | None = self.int8_refusals.get("unet")
+        """Why an 'int8' runner runs its U-Net in bf16 (None: the int8 U-Net runs, or not 'int8')."""
         self.name = "openvino"
         self.precision = precision
-        """'fp32', 'bf16', or 'int8': the gated int8 U-Net (engines/int8.py) and the bf16 VQGAN."""
+        """'fp32', 'bf16', or 'int8': the gated int8 networks (engines/int8.py), bf16 for the others."""
         self.config = config
         self.device = torch.device("cpu")
         self.step_backend = kernels.resolve(step_backend, self.device)
@@ -312,12 +338,15 @@ class OpenVINORunner:
             def build():
                 return compile_graph(self._source(graph), graph, spec, batch, precision)
 
-            if graph == "unet" and self.precision == "int8" and self.int8_refusal is None:
+            if graph in self.int8_networks:
                 from .int8 import int8_ir_path
 
                 # Not cached: the IR is already compiled once by NNCF, and its key (calibration,
-                # gate) is the IR's manifest, not the weights alone.
-                compiled, built = compile_graph(int8_ir_path(self.int8_dir), graph, spec, batch, "bf16"), True
+                # gate) is the IR's manifest, not the weights alone. The encoder IR is already cut
+                # at the float32 latent; the U-Net IR still takes the cut of its embedding.
+                compiled = compile_graph(int8_ir_path(self.int8_dir, graph), graph, spec, batch, "bf16",
+                                         split=graph != "encoder")
+                built = True
             elif self.model_dir is None:
                 compiled, built = build(), True
             else:
@@ -349,11 +378,11 @@ class OpenVINORunner:
         return self._run("decoder", {"latent": latents.float()})
 
 
-def _ir_missing(model_dir: str | Path | None) -> str | None:
+def _ir_missing(model_dir: str | Path | None, network: str = "unet") -> str | None:
     from .int8 import int8_ir_path
 
-    if model_dir is None or not int8_ir_path(model_dir).is_file():
-        return f"no int8 U-Net IR in {model_dir} (engines/int8.py int8_unet_ir builds it)"
+    if model_dir is None or not int8_ir_path(model_dir, network).is_file():
+        return f"no int8 {network} IR in {model_dir} (engines/int8.py int8_ir builds it)"
     return None
 
 

@@ -1,5 +1,6 @@
-"""The int8 OpenVINO U-Net (engines/int8.py) on the tiny random model: accuracy against the fp32
-torch U-Net on held-out real-looking inputs, the manifest and staleness rules, and the gate's refusal."""
+"""The int8 OpenVINO networks (engines/int8.py) on the tiny random model: accuracy of the U-Net,
+VQ encoder and VQ decoder against fp32 torch on held-out real-looking inputs, the manifest and
+staleness rules, and the gate's refusal, per network."""
 
 import dataclasses
 import importlib.util
@@ -14,7 +15,8 @@ from bsldm_fast import modeldir
 from bsldm_fast.engines import int8
 from bsldm_fast.engines.cache import EngineError, manifest_path, read_manifest, write_manifest
 from bsldm_fast.engines.onnx_export import relative_error
-from bsldm_fast.models.latent import LatentDenoiser
+from bsldm_fast.engines.tuning import MAX_CODE_FLIPS, REL_MAX_ERROR
+from bsldm_fast.models.latent import LatentDecoder, LatentDenoiser, LatentEncoder
 
 pytestmark = pytest.mark.skipif(
     not all(importlib.util.find_spec(m) for m in ("openvino", "nncf", "onnx")),
@@ -27,6 +29,17 @@ RMS_TOLERANCE = 0.12
 """Relative RMS error of the int8 U-Net's eps against fp32 torch on 10 held-out inputs (a phantom
 the calibration never saw). Measured: 0.056, max-abs relative 0.108 (OpenVINO 2026.4.1, NNCF 3.4.0,
 the default options, bf16 hint for the float layers); about 2x margin."""
+DECODER_TOLERANCE = {"own": REL_MAX_ERROR["int8"], "sampled": 0.6}
+"""max |err| / max |ref| of the int8 decoder's image against fp32 torch on held-out latents of two
+phantoms the calibration never saw. Their own encoder latents: measured 0.050-0.052, bound tuning.py's
+int8 bound (0.1). Their DDPM-10 sampled latents: measured 0.33-0.38, bound 0.6: the random U-Net's
+samples reach |4| where the encoder latents stay under 1, and mean-min-max ranges over the
+calibration latents clip them (the bundled model decodes codebook vectors: 52 dB vs fp32 there, see
+the NOTE in engines/int8.py). A broken graph lands at ~1 or above."""
+CODE_FLIPS = MAX_CODE_FLIPS["int8"]
+"""Share of latent positions whose code differs from fp32 torch's with the int8 encoder (the codebook
+search in float32 on its latent), the bound tuning.py uses, on two unseen phantoms. Measured 0.031
+(the random codebook of the tiny model; the bundled model: 0.11, bf16 there 0.034)."""
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +48,8 @@ def built(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("int8") / "model"
     modeldir.save(model_dir, model.config, model.vqgan, model.unet)
     path = int8.int8_unet_ir(model_dir, model, calibration_images=[], phantoms=PHANTOMS, runs=RUNS)
+    for network in ("encoder", "decoder"):
+        int8.int8_ir(model_dir, model, network, calibration_images=[], phantoms=PHANTOMS, runs=RUNS)
     return model, model_dir, path
 
 
@@ -132,3 +147,184 @@ def test_the_openvino_runner_runs_int8_only_behind_a_passing_gate(built, caplog)
     assert runner.int8_refusal is None
     quantised = rms(runner)
     assert bf16 < 2e-2 < quantised <= RMS_TOLERANCE  # bf16 rounds; int8 quantises
+
+
+def _held_out_vq(model):
+    """Two phantoms the calibration never saw, and decoder inputs for them: their sampled latents
+    (DDPM-10, one seed each), then their own (quantised) encoder latents."""
+    from bsldm_fast.pipeline import Pipeline
+
+    images, _ = int8.calibration_units(model, [], phantoms=(11, 12))
+    pipeline = Pipeline.create(model.config, model.vqgan, model.unet, "cpu")
+    with torch.inference_mode():
+        cond = pipeline.encode(images)
+        latents = torch.cat([pipeline.sample_latents(cond, [7, 8], "ddpm", 10), cond])
+    return images, latents
+
+
+def _codes(model, z):
+    from bsldm_fast import kernels
+
+    return kernels.vq_quantize(z, model.vqgan.quantizer.embedding.weight.detach().float())[1]
+
+
+def test_int8_encoder_keeps_the_codes_on_held_out_images(built):
+    model, model_dir, _ = built
+    path = int8.int8_ir_path(model_dir, "encoder")
+    ir = int8.require_openvino()[0].Core().read_model(str(path))
+    types = {op.get_type_name() for op in ir.get_ordered_ops()}
+    names = [op.get_friendly_name() for op in ir.get_ordered_ops()]
+    # Quantised, and cut before the codebook search: the search never runs in int8.
+    assert "FakeQuantize" in types
+    assert not any(n.startswith("/quantizer/") for n in names)
+    assert [o.get_names() for o in ir.outputs] == [{"latent"}]
+    images, _ = _held_out_vq(model)
+    with torch.inference_mode():
+        z32 = LatentEncoder(model.vqgan.encoder)(images)
+    compiled = int8.compile_ir(path, "bf16")
+    z8 = torch.from_numpy(np.concatenate([compiled({"image": images[i:i + 1].numpy()})[0]
+                                          for i in range(len(images))]))
+    assert z8.shape == z32.shape
+    flips = float((_codes(model, z8) != _codes(model, z32)).float().mean())
+    error = relative_error(z8.numpy(), z32.numpy())
+    print(f"int8 encoder vs fp32: changed codes {flips:.4f}, latent max rel {error:.4f}")
+    assert flips <= CODE_FLIPS
+    assert error > 1e-3  # quantised, not float
+
+
+def test_int8_decoder_matches_fp32_on_held_out_latents(built):
+    model, model_dir, _ = built
+    path = int8.int8_ir_path(model_dir, "decoder")
+    _, latents = _held_out_vq(model)
+    with torch.inference_mode():
+        expected = LatentDecoder(model.vqgan.decoder)(latents).numpy()
+    compiled = int8.compile_ir(path, "bf16")
+    actual = np.concatenate([compiled({"latent": latents[i:i + 1].numpy()})[0] for i in range(len(latents))])
+    assert actual.shape == expected.shape
+    errors = [relative_error(actual[i], expected[i]) for i in range(len(latents))]
+    print(f"int8 decoder vs fp32 on held-out latents (sampled, sampled, own, own): max rel {errors}")
+    assert max(errors[:2]) <= DECODER_TOLERANCE["sampled"]
+    assert max(errors[2:]) <= DECODER_TOLERANCE["own"]
+    assert min(errors) > 1e-3  # quantised, not float
+
+
+def test_vq_ir_manifest_and_staleness(built, tmp_path, monkeypatch):
+    model, model_dir, _ = built
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    images = int8.calibration_units(model, [], PHANTOMS)[0]
+    for network in ("encoder", "decoder"):
+        path = int8.int8_ir_path(copy, network)
+        assert path.name == f"{network}-int8.xml" and path.with_suffix(".bin").is_file()
+        key = read_manifest(path, int8.Int8Key)
+        assert key.graph == network and json.loads(key.options) == int8.network_options(network)
+        # The encoder reads the images only: its digest does not depend on the sampling runs.
+        runs = () if network == "encoder" else RUNS
+        assert key.calibration == int8.calibration_digest(images, runs)
+        assert int8.calibration_record(copy, network)["network"] == network
+    calls = []
+    original = int8.quantize_vq
+    monkeypatch.setattr(int8, "quantize_vq", lambda *a, **k: calls.append(a[1]) or original(*a, **k))
+    assert int8.int8_ir(copy, model, "decoder", [], PHANTOMS, runs=RUNS) and not calls  # kept
+    assert int8.int8_ir(copy, model, "encoder", [], PHANTOMS, runs=(("ddpm", 10, 5),)) and not calls
+    before = read_manifest(int8.int8_ir_path(copy, "decoder"), int8.Int8Key)
+    int8.int8_ir(copy, model, "decoder", [], PHANTOMS, options={"ignored": "none"}, runs=RUNS)
+    assert calls == ["decoder"]  # other options: rebuilt
+    after = read_manifest(int8.int8_ir_path(copy, "decoder"), int8.Int8Key)
+    assert after.options != before.options and after.calibration == before.calibration
+
+
+def _verdict(**passed):
+    return {"networks": {n: {"passed": ok, "reason": f"test: {n} {'passed' if ok else 'PSNR +0.9 dB'}"}
+                         for n, ok in passed.items()}}
+
+
+def test_gate_verdict_format_and_per_network_refusal(built, tmp_path):
+    model, model_dir, _ = built
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    int8.gate_path(copy).unlink(missing_ok=True)  # another test's verdict
+    for network in int8.NETWORKS:
+        assert "not been through the quality gate" in int8.int8_refusal(copy, network)
+    int8.write_gate(copy, _verdict(unet=True, decoder=False, encoder=True))
+    record = int8.int8_gate(copy)
+    assert record["int8_networks"] == ["unet", "encoder"]
+    for network in int8.NETWORKS:
+        key = read_manifest(int8.int8_ir_path(copy, network), int8.Int8Key)
+        assert record["networks"][network]["ir_key"] == dataclasses.asdict(key)
+    assert record["ir_key"] == record["networks"]["unet"]["ir_key"]  # the U-Net-only format's field
+    assert int8.int8_refusal(copy, "unet") is None and int8.int8_refusal(copy, "encoder") is None
+    assert "VQ decoder" in int8.int8_refusal(copy, "decoder")
+    assert "failed the quality gate: test: decoder PSNR +0.9 dB" in int8.int8_refusal(copy, "decoder")
+    assert int8.int8_networks(copy) == ("unet", "encoder")
+
+    # A network's IR rebuilt since the gate is refused; the others keep their verdict.
+    path = int8.int8_ir_path(copy, "encoder")
+    write_manifest(path, dataclasses.replace(read_manifest(path, int8.Int8Key), calibration="0" * 16))
+    assert "VQ encoder" in int8.int8_refusal(copy, "encoder")
+    assert "changed since its quality gate" in int8.int8_refusal(copy, "encoder")
+    assert int8.int8_networks(copy) == ("unet",)
+    # A verdict that does not name a network has not judged it.
+    int8.write_gate(copy, _verdict(unet=True))
+    assert "not been through the quality gate" in int8.int8_refusal(copy, "decoder")
+    # A missing IR is said so, per network.
+    int8.int8_ir_path(copy, "decoder").unlink()
+    assert "no int8 VQ decoder" in int8.int8_refusal(copy, "decoder")
+
+
+def test_the_runner_runs_each_network_int8_only_where_the_gate_passed_it(built, tmp_path, caplog):
+    from bsldm_fast.engines.openvino import OpenVINORunner
+
+    model, model_dir, _ = built
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    images, latents = _held_out_vq(model)
+    images, latents = images[:2], latents[:2]
+    bf16 = OpenVINORunner(model.config, model.vqgan, model.unet, "bf16", copy)
+    assert bf16.int8_networks == () and bf16.int8_refusal is None
+    with torch.inference_mode():
+        decoded = {"bf16": bf16.decode(latents).numpy()}
+        latent = {"bf16": bf16._run("encoder", {"image": images}).numpy()}
+    ir = {network: int8.compile_ir(int8.int8_ir_path(copy, network), "bf16") for network in ("encoder", "decoder")}
+    decoded["int8"] = np.concatenate([ir["decoder"]({"latent": latents[i:i + 1].numpy()})[0] for i in range(2)])
+    latent["int8"] = np.concatenate([ir["encoder"]({"image": images[i:i + 1].numpy()})[0] for i in range(2)])
+    assert relative_error(decoded["int8"], decoded["bf16"]) > 1e-3  # the two paths are told apart
+
+    def used(runner):
+        """Which path each VQ network took: the int8 IR's output or the bf16 graph's."""
+        with torch.inference_mode():
+            d = runner.decode(latents).numpy()
+            z = runner._run("encoder", {"image": images}).numpy()
+        return {"decoder": "int8" if relative_error(d, decoded["int8"]) < relative_error(d, decoded["bf16"]) else "bf16",
+                "encoder": "int8" if relative_error(z, latent["int8"]) < relative_error(z, latent["bf16"]) else "bf16"}
+
+    int8.write_gate(copy, _verdict(unet=True, decoder=False, encoder=True))
+    with caplog.at_level("WARNING"):
+        runner = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", copy)
+    assert runner.int8_networks == ("unet", "encoder") and runner.int8_refusal is None
+    assert "failed the quality gate" in runner.int8_refusals["decoder"]
+    assert "running the decoder in bf16, not int8" in caplog.text and "decoder PSNR +0.9 dB" in caplog.text
+    assert used(runner) == {"decoder": "bf16", "encoder": "int8"}
+    codes = runner.encode(images)  # the float32 search on the int8 latent: codebook vectors
+    assert bool(torch.isin(codes.permute(0, 2, 3, 1).reshape(-1, 4), runner.codes).all())
+
+    int8.write_gate(copy, _verdict(unet=False, decoder=True, encoder=False))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        runner = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", copy)
+    assert runner.int8_networks == ("decoder",) and "unet PSNR" in runner.int8_refusal
+    assert used(runner) == {"decoder": "int8", "encoder": "bf16"}
+
+    int8.write_gate(copy, _verdict(unet=False, decoder=False, encoder=False))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        runner = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", copy)
+    assert runner.int8_networks == () and "every network runs in bf16" in caplog.text
+    assert used(runner) == {"decoder": "bf16", "encoder": "bf16"}
+
+    # The gate's own runner: the networks asked for, ungated.
+    runner = OpenVINORunner(model.config, model.vqgan, model.unet, "int8", copy, gated=False,
+                            int8_networks=["decoder"])
+    assert runner.int8_networks == ("decoder",) and "not asked" in runner.int8_refusals["encoder"]
+    with pytest.raises(ValueError, match="unknown int8 networks"):
+        OpenVINORunner(model.config, model.vqgan, model.unet, "int8", copy, int8_networks=["vae"])

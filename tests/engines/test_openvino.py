@@ -201,3 +201,22 @@ def test_unavailable_says_why(monkeypatch):
     assert "pip install 'bsldm-fast[openvino]'" in openvino.openvino_unavailable("cpu")
     with pytest.raises(EngineError, match=r"bsldm-fast\[openvino\]"):
         choose_backend("openvino", torch.device("cpu"), lambda: None)
+
+
+@needs_openvino
+def test_int8_without_a_gated_network_runs_bf16_everywhere_and_says_so(runners, tiny_model, gen, caplog):
+    """A model with no int8 network that passed the gate (here: no model directory at all) runs
+    every network as the bf16 runner does, and logs why for each."""
+    from bsldm_fast.engines.openvino import OpenVINORunner
+
+    with caplog.at_level(logging.WARNING, logger="bsldm_fast.engines.openvino"):
+        runner = OpenVINORunner(tiny_model.config, tiny_model.vqgan, tiny_model.unet, "int8")
+    assert runner.int8_networks == () and runners["bf16"].int8_networks == ()
+    assert set(runner.int8_refusals) == {"unet", "decoder", "encoder"}
+    assert all("model directory" in reason for reason in runner.int8_refusals.values())
+    for network in ("unet", "decoder", "encoder"):
+        assert f"running the {network} in bf16, not int8" in caplog.text
+    assert "every network runs in bf16" in caplog.text
+    for graph in GRAPH_NAMES:
+        feeds = _feeds(tiny_model, graph, 2, gen)
+        assert torch.equal(_call(runner, graph, feeds), _call(runners["bf16"], graph, feeds))
