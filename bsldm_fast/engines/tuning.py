@@ -41,13 +41,17 @@ REL_MAX_ERROR = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2, "int8": 1e-1}
 """max |out - ref| / max |ref| against the float32 eager output, for the U-Net and the decoder.
 bf16 keeps 8 significant bits (2e-3 per operation); through the U-Net the eager bf16 error is
 ~1e-2. A wrong layout lands far above these (benchmarks/checks.py uses the same bounds). int8
-quantises activations per tensor to 8 bits: this only catches a broken graph; whether its images
-are good enough is the held-out quality gate's verdict (engines/int8.py)."""
-MAX_CODE_FLIPS = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1, "int8": 0.1}
+quantises activations per tensor to 8 bits (the bundled model's gated int8 networks on a phantom:
+U-Net 2.6e-2, decoder 4.6e-2): this only catches a broken graph; whether its images are good
+enough is the held-out quality gate's verdict (engines/int8.py)."""
+MAX_CODE_FLIPS = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1, "int8": 0.25}
 """The encoder's output is quantised: a rounding difference can move a latent vector that sits
 near the boundary of two codes to the other code, a jump of a whole code distance. So the encoder
 is judged by the share of latent positions whose code differs from float32's: a few near-ties
-(bf16 on the `tiny` random model, whose codebook is random: 1-2 %), never a layout error (~all)."""
+(bf16 on the `tiny` random model, whose codebook is random: 1-2 %; the bundled model on a
+phantom: 4.6 %), never a layout error (~all). The bundled model's int8 encoder, which passed the
+quality gate (0.15 dB below bf16 on the held-out pair), changes 12 % of a phantom's codes, to
+near neighbours: int8's bound is looser, and still far from a broken graph."""
 
 
 def check(network: str, out: torch.Tensor, ref: torch.Tensor, precision: str) -> tuple[bool, float, str]:
@@ -95,15 +99,32 @@ def _tuned_for(row: dict) -> str:
     return row.get("tuned_for") or row["precision"]
 
 
-def network_inputs(config: ModelConfig, batch: int = 1,
-                   seed: int = 0) -> dict[str, tuple[torch.Tensor, ...]]:
-    """Seeded inputs of each network in its natural range (images in [-1, 1], t = 500)."""
-    generator = torch.Generator().manual_seed(seed)
-    s, h, c = config.image_size, config.latent_size, config.diffusion.latent_channels
-    images = torch.rand((batch, 1, s, s), generator=generator) * 2 - 1
-    u = torch.randn((batch, 2 * c, h, h), generator=generator)
+def network_inputs(model: Model, batch: int = 1, seed: int = 0,
+                   reference=None) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Real-looking inputs of each network, what it sees in use: synthetic chest phantoms (seeds
+    `seed`...) as the encoder's images; their float32 latents (`reference`'s encoder, eager fp32
+    torch by default) as the decoder's; and for the U-Net at t = 500 those latents noised as the
+    schedule does, beside the conditioning CXR latent. Uniform noise is no radiograph: the
+    codebook's near-ties, and int8's activation ranges, differ on it."""
+    from ..data.phantom import generate
+    from ..diffusion.conditioning import condition_scale, scale_condition
+    from ..diffusion.schedule import Schedule
+    from ..preprocess import model_input
+    from .runners import make_runner
+
+    config = model.config
+    if reference is None:
+        reference = make_runner(config, model.vqgan, model.unet, "cpu", "fp32", "torch")
+    images = torch.cat([model_input(generate(seed + i, config.image_size).cxr, config).tensor
+                        for i in range(batch)])
+    with torch.inference_mode():
+        latents = reference.encode(images).float()
     t = torch.full((batch,), 500, dtype=torch.int64)
-    return {"encoder": (images,), "unet": (u, t), "decoder": (torch.randn((batch, c, h, h), generator=generator),)}
+    alpha_bar = Schedule.from_config(config.diffusion).alphas_cumprod[t].float().view(-1, 1, 1, 1)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    x_t = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+    cond = scale_condition(latents, t, condition_scale(config.diffusion))
+    return {"encoder": (images,), "unet": (torch.cat([x_t, cond], dim=1), t), "decoder": (latents,)}
 
 
 def network_call(runner, network: str) -> Callable[..., torch.Tensor]:
@@ -119,8 +140,8 @@ def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str
     (`runners.runner_precision`): auto at int8 picks per network among them all."""
     from .runners import backend_unavailable, make_runner, runner_precision
 
-    inputs = network_inputs(model.config, batch)
     reference = make_runner(model.config, model.vqgan, model.unet, "cpu", "fp32", "torch")
+    inputs = network_inputs(model, batch, reference=reference)
     with torch.inference_mode():
         expected = {n: network_call(reference, n)(*inputs[n]) for n in NETWORKS}
     results = []
