@@ -99,8 +99,8 @@ setup(
         "onnx": ["onnx", "onnxruntime"],
         # `--backend openvino`: the networks compiled by OpenVINO for the CPU (engines/openvino.py).
         "openvino": ["openvino==2026.4.1", "onnx"],
-        # The int8 U-Net on the CPU (bsldm_fast/engines/int8.py): NNCF quantises the ONNX U-Net to an
-        # OpenVINO IR. Pinned: the IR's manifest names both versions, and a new one re-quantises.
+        # The int8 networks on the CPU (bsldm_fast/engines/int8.py): NNCF quantises the ONNX U-Net and
+        # VQ encoder and decoder to OpenVINO IRs. Pinned: the IR's manifest names both versions, and a new one re-quantises.
         "int8": ["openvino==2026.4.1", "onnx", "nncf==3.4.0"],
         "bench": ["matplotlib", "pytest-benchmark"],
         # `bsldm-fast serve`, the DICOM node (bsldm_fast/node).
