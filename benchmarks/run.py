@@ -26,6 +26,7 @@ alone, at paper size:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -300,8 +301,12 @@ def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
     """The int8 U-Net IR of the random weights in `path`: calibrated on the (U, t) of sampling one
     phantom (DDPM, seed 0), for timing only; its quality gate needs trained weights and held-out
     real pairs (benchmarks/int8_gate.py measures it on the bundled model)."""
+    import logging
+
     from bsldm_fast.engines import int8
 
+    # NNCF logs every node it leaves in float at INFO: hundreds of lines in the table.
+    logging.getLogger("nncf").setLevel(logging.WARNING)
     int8.int8_unet_ir(path, model, calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
 
 
@@ -345,20 +350,14 @@ def int8_networks(runner) -> set[str]:
 
 def best_rows(rows: list[Row], config: str, resolution: int, precision: str) -> dict[str, Row] | str:
     """network -> the fastest checked stage row of ours at batch 1 that a runner backend can rebuild
-    (`RUNNER_OF`), among the rows of `precision`; or why there is none.
-
-    int8: among the int8 and the bf16 rows, as `make_stage_runner(..., "int8")` runs them: a
-    backend with an int8 row for the stage (OpenVINO's U-Net) runs that network in int8, so its
-    bf16 row is not a candidate there; where it has none (the VQ networks today) its bf16 row is
-    what its int8 runner runs."""
+    (`RUNNER_OF`), among the rows of `precision` (int8: among the int8 and the bf16 rows); or why
+    there is none."""
     allowed = ("int8", "bf16") if precision == "int8" else (precision,)
     best = {}
     for stage, network in NETWORK_OF.items():
         timed = [r for r in rows if r.stage == stage and r.kind == "ours" and r.backend in RUNNER_OF
                  and r.config == config and r.resolution == resolution and r.batch == 1 and r.group == "stages"
                  and r.precision in allowed and r.timing is not None]
-        int8 = {r.backend for r in timed if r.precision == "int8"}
-        timed = [r for r in timed if r.precision == "int8" or r.backend not in int8]
         if not timed:
             return (f"no checked {'/'.join(allowed)} {stage} row of ours measured earlier in this run "
                     f"(`cpu-best` is built from them: run the stage rows too)")
@@ -378,8 +377,11 @@ def _cpu_best(ctx: Context, model: Model, precision: str) -> Pipeline:
     if precision == "int8" and "openvino" in choice.values():
         _int8_ir(ctx, model, path)
     torch._dynamo.reset()
+    # The gated int8 runner's "not int8: no gate verdict" warning: `_ungated` below answers it.
+    quiet = _Quiet("bsldm_fast.engines.openvino") if precision == "int8" else contextlib.nullcontext()
     try:
-        staged = make_stage_runner(config, model.vqgan, model.unet, choice, "cpu", precision, model_dir=path)
+        with quiet:
+            staged = make_stage_runner(config, model.vqgan, model.unet, choice, "cpu", precision, model_dir=path)
     except ValueError:
         if precision != "int8":
             raise
@@ -389,23 +391,54 @@ def _cpu_best(ctx: Context, model: Model, precision: str) -> Pipeline:
                  for b in set(choice.values())}
         staged = StageRunner({n: built[b] for n, b in choice.items()})
     if precision == "int8":
-        staged = _ungated(staged, model, path)
+        staged = _as_picked(staged, best, model, path)
     ctx.cached(("cpu-best-choice", precision), lambda: best)
     return Pipeline(config, staged, ctx.device)
 
 
-def _ungated(staged: StageRunner, model: Model, path: Path) -> StageRunner:
-    """The stage runner with an OpenVINO int8 runner that refused its ungated int8 U-Net (random
-    weights have no gate verdict) replaced by one that runs it, as the openvino int8 row does."""
+class _Quiet:
+    """A logger held at ERROR inside the block."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.logger, self.level = logging.getLogger(name), None
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(40)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _as_picked(staged: StageRunner, best: dict[str, Row], model: Model, path: Path) -> StageRunner:
+    """The int8 stage runner with each OpenVINO network in the precision of the row picked for it.
+    `make_stage_runner(..., "int8")` chooses a backend per network, not a precision: its OpenVINO
+    runner runs every network it has in int8 in int8 (and refuses the int8 U-Net of random weights,
+    which have no gate verdict). So a network whose picked row is int8 gets the ungated int8 runner,
+    as the openvino int8 row ran it, and one whose picked row is bf16 but that the int8 runner would
+    run in int8 gets the bf16 runner."""
     from bsldm_fast.engines.openvino import OpenVINORunner
 
     runners = dict(staged.runners)
-    ungated = None
-    for network, runner in runners.items():
-        if isinstance(runner, OpenVINORunner) and runner.precision == "int8" and runner.int8_refusal is not None:
-            ungated = ungated or OpenVINORunner(model.config, model.vqgan, model.unet, "int8", path, gated=False)
-            runners[network] = ungated
-    return StageRunner(runners) if ungated else staged
+    built: dict[str, OpenVINORunner] = {}
+
+    def runner(precision: str) -> OpenVINORunner:
+        if precision not in built:
+            built[precision] = OpenVINORunner(model.config, model.vqgan, model.unet, precision, path,
+                                              gated=False)
+        return built[precision]
+    for network, row in best.items():
+        current = runners[network]
+        if not isinstance(current, OpenVINORunner) or current.precision != "int8":
+            continue
+        runs_int8 = network in int8_networks(current)
+        if row.precision == "int8" and not runs_int8:
+            runners[network] = runner("int8")
+        elif row.precision != "int8" and runs_int8:
+            runners[network] = runner(row.precision)
+    return StageRunner(runners) if built else staged
 
 
 def backends(device: torch.device) -> dict[str, Backend]:
@@ -1028,7 +1061,7 @@ def main(argv: list[str] | None = None) -> int:
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = usage.ru_utime + usage.ru_stime
-    heads = {c: headline(rows, peaks, c) for c in plan.configs}
+    heads = {c: headline(rows, peaks, c) for c in plan.configs if not args.configs or c in args.configs.split(",")}
     name = machine_slug(info)
     # Only a whole full run owns the plain name (summary.py prefers it); --only makes a partial one.
     mode = plan.name + ("-partial" if args.only or args.no_scaling or args.configs or args.backends else "")

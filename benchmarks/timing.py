@@ -353,10 +353,10 @@ def row_dict(row: Row, peaks: dict[str, float]) -> dict:
     out["achieved_flops"] = row.rate
     peak = peaks.get(row.precision)
     out["fraction_of_peak"] = row.rate / peak if peak and row.rate else None
-    if row.precision == "int8":
-        # int8 rows: the share of the int8 GEMM rate above, and of the bf16 one (what int8 replaces).
-        bf16 = peaks.get("bf16")
-        out["fraction_of_bf16_peak"] = row.rate / bf16 if bf16 and row.rate else None
+    # Every row also against the bf16 GEMM rate, the CPU's fastest float ceiling: one yardstick for
+    # an fp32 peer, a bf16 path and an int8 one (whose own fraction above is of the int8 rate).
+    bf16 = peaks.get("bf16")
+    out["fraction_of_bf16_peak"] = row.rate / bf16 if bf16 and row.rate else None
     return out
 
 
