@@ -305,7 +305,12 @@ def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
 
     from bsldm_fast.engines import int8
 
-    # NNCF logs every node it leaves in float at INFO: hundreds of lines in the table.
+    # NNCF logs every node it leaves in float at INFO: hundreds of lines in the table. Its import
+    # sets its logger's level, so import it first.
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        pass
     logging.getLogger("nncf").setLevel(logging.WARNING)
     int8.int8_unet_ir(path, model, calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
 
@@ -947,7 +952,8 @@ def plot_scaling(rows: list[Row], path: Path, title: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer repeats and rows (< 10 min on 2 cores)")
+    mode.add_argument("--quick", action="store_true", help="fewer repeats and rows, no torch.compile (about 30 min on 2 cores, most of it the "
+                      "paper-size CPU engines; narrow with --configs/--backends/--only)")
     mode.add_argument("--smoke", action="store_true", help="the tiny config only, seconds (for tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="include torch.compile rows in --quick/--smoke")
@@ -993,14 +999,14 @@ def main(argv: list[str] | None = None) -> int:
             peaks["int8"] = int8_gemm[when]["ops_per_s"]
         return peaks
 
-    def show(peaks: dict[str, float]) -> str:
-        how = int8_gemm.get("start", {}).get("how")
+    def show(peaks: dict[str, float], when: str) -> str:
+        how = int8_gemm.get(when, {}).get("how")
         return ", ".join(f"{k} {v / 1e9:.0f} {'GOP/s (' + str(how) + ')' if k == 'int8' else 'GFLOP/s'}"
                          for k, v in peaks.items())
     # NOTE: measured at the start and again at the end; the best of the two is the ceiling, and a
     # large difference between them says the machine was busy during the run.
     peaks_start = peaks_now("start")
-    print(f"measured matmul peak: {show(peaks_start)}", flush=True)
+    print(f"measured matmul peak: {show(peaks_start, 'start')}", flush=True)
     peaks = dict(peaks_start)
 
     # The Pipeline's default path here: the first fused step backend present, else unfused.
@@ -1056,7 +1062,7 @@ def main(argv: list[str] | None = None) -> int:
 
     peaks_end = peaks_now("end")
     peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
-    print(f"matmul peak at the end: {show(peaks_end)}"
+    print(f"matmul peak at the end: {show(peaks_end, 'end')}"
           + " (the table's 'of peak' used the start's; the JSON uses the best of both)", flush=True)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
