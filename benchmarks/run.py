@@ -384,17 +384,17 @@ def _cpu_best(ctx: Context, model: Model, precision: str) -> Pipeline:
     torch._dynamo.reset()
     # The gated int8 runner's "not int8: no gate verdict" warning: `_ungated` below answers it.
     quiet = _Quiet("bsldm_fast.engines.openvino") if precision == "int8" else contextlib.nullcontext()
-    try:
-        with quiet:
+    with quiet:
+        try:
             staged = make_stage_runner(config, model.vqgan, model.unet, choice, "cpu", precision, model_dir=path)
-    except ValueError:
-        if precision != "int8":
-            raise
-        # NOTE: until make_stage_runner takes 'int8' itself (openvino at int8, the others at bf16).
-        built = {b: make_runner(config, model.vqgan, model.unet, "cpu", "int8" if b == "openvino" else "bf16", b,
-                                model_dir=path, freeze=("unet",) if b == "torch-compile" else ())
-                 for b in set(choice.values())}
-        staged = StageRunner({n: built[b] for n, b in choice.items()})
+        except ValueError:
+            if precision != "int8":
+                raise
+            # NOTE: until make_stage_runner takes 'int8' itself (openvino at int8, the others at bf16).
+            built = {b: make_runner(config, model.vqgan, model.unet, "cpu", "int8" if b == "openvino" else "bf16",
+                                    b, model_dir=path, freeze=("unet",) if b == "torch-compile" else ())
+                     for b in set(choice.values())}
+            staged = StageRunner({n: built[b] for n, b in choice.items()})
     if precision == "int8":
         staged = _as_picked(staged, best, model, path)
     ctx.cached(("cpu-best-choice", precision), lambda: best)
