@@ -29,7 +29,7 @@ Bounds, by what is compared:
   a latent vector that sits near the boundary of two codes to the other code, a jump of a whole
   code distance that no element-wise bound can tell from a bug; a layout error changes ~all codes.
   (fp32 keeps the element-wise bound above: there a flip is a finding.)
-- int8 (the NNCF U-Net, timing rows only): relative max error <= 1e-1, as `engines.tuning`, which
+- int8 (the NNCF int8 IRs, timing rows only): relative max error <= 1e-1, as `engines.tuning`, which
   only catches a broken graph; images >= 20 dB (rounding of 8-bit activations through every step;
   whether int8 images are good enough is the held-out quality gate's verdict,
   benchmarks/int8_gate.py, not this check's).

@@ -298,9 +298,10 @@ def _cpu_only(why: Callable[[], str | None]) -> Callable[[torch.device], str | N
 
 
 def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
-    """The int8 U-Net IR of the random weights in `path`: calibrated on the (U, t) of sampling one
-    phantom (DDPM, seed 0), for timing only; its quality gate needs trained weights and held-out
-    real pairs (benchmarks/int8_gate.py measures it on the bundled model)."""
+    """The int8 IRs of the random weights in `path`, for every network `engines.int8` can quantise
+    (the U-Net; the VQ encoder and decoder where `int8.int8_ir` and `int8.NETWORKS` name them):
+    calibrated on one phantom (DDPM, seed 0), for timing only; the quality gate needs trained weights
+    and held-out real pairs (benchmarks/int8_gate.py measures it on the bundled model)."""
     import logging
 
     from bsldm_fast.engines import int8
@@ -312,10 +313,15 @@ def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
     except ImportError:
         pass
     logging.getLogger("nncf").setLevel(logging.WARNING)
-    int8.int8_unet_ir(path, model, calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
+    calibration = dict(calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
+    if not hasattr(int8, "int8_ir"):  # before the int8 VQ networks: the U-Net only
+        int8.int8_unet_ir(path, model, **calibration)
+        return
+    for network in getattr(int8, "NETWORKS", ("unet",)):
+        int8.int8_ir(path, model, network, **calibration)
 
 
-INT8_NOTE = "int8 U-Net calibrated on one phantom for these random weights, ungated: timing only"
+INT8_NOTE = "int8 IRs calibrated on one phantom for these random weights, ungated: timing only"
 
 
 def _openvino(ctx: Context, model: Model, precision: str) -> Pipeline:
