@@ -24,6 +24,15 @@ Bounds, by what is compared:
   all-zero image at 6.6 dB. 30 dB rejects a wrong image with a wide margin and leaves 11 dB for the
   rounding of a reduced precision. Subtler errors are the stage checks' job: the U-Net step and
   the sampler step are checked element-wise above.
+- quantised latents (VQ encode) in reduced precision: the share of latent positions whose code
+  differs from float32's, <= `engines.tuning.MAX_CODE_FLIPS` (0.1 in bf16/int8). Rounding moves
+  a latent vector that sits near the boundary of two codes to the other code, a jump of a whole
+  code distance that no element-wise bound can tell from a bug; a layout error changes ~all codes.
+  (fp32 keeps the element-wise bound above: there a flip is a finding.)
+- int8 (the NNCF int8 IRs, timing rows only): relative max error <= 1e-1, as `engines.tuning`, which
+  only catches a broken graph; images >= 20 dB (rounding of 8-bit activations through every step;
+  whether int8 images are good enough is the held-out quality gate's verdict,
+  benchmarks/int8_gate.py, not this check's).
 - paths with no same-noise float32 reference (the original-style loop: diffusers' scheduler draws its
   own noise): finite everywhere only, and the record says so.
 """
@@ -37,10 +46,13 @@ import numpy as np
 import torch
 
 from bsldm_fast import metrics
+from bsldm_fast.engines import tuning
 
-REL_MAX_ERROR = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2}
+REL_MAX_ERROR = {"fp32": 1e-4, "bf16": 3e-2, "fp16": 3e-2, "int8": tuning.REL_MAX_ERROR["int8"]}
 """Largest max|out - ref| / max|ref| a tensor output may have, by the precision of the path."""
-MIN_PSNR_DB = {"fp32": 60.0, "bf16": 30.0, "fp16": 30.0}
+MAX_CODE_FLIPS = {p: tuning.MAX_CODE_FLIPS[p] for p in ("bf16", "fp16", "int8")}
+"""Largest share of changed codes a reduced-precision quantised latent may have (`check_codes`)."""
+MIN_PSNR_DB = {"fp32": 60.0, "bf16": 30.0, "fp16": 30.0, "int8": 20.0}
 """Lowest PSNR (dB, against the float32 image) an end-to-end image may have, by precision."""
 
 
@@ -50,7 +62,7 @@ class Check:
 
     passed: bool
     metric: str
-    """'rel_max_error', 'psnr_db' or 'finite'."""
+    """'rel_max_error', 'changed_codes', 'psnr_db' or 'finite'."""
     value: float | None
     bound: float | None
     precision: str
@@ -64,7 +76,7 @@ class Check:
     def summary(self) -> str:
         if self.reason:
             return self.reason
-        op = "<=" if self.metric == "rel_max_error" else ">="
+        op = "<=" if self.metric in ("rel_max_error", "changed_codes") else ">="
         return f"{self.metric} {self.value:.3g} {op} {self.bound:g}" if self.bound is not None else self.metric
 
 
@@ -128,7 +140,28 @@ def check_output(output, reference, precision: str, image: bool = False) -> Chec
     return Check(passed, metric, value, bound, precision, 0, reason)
 
 
+def check_codes(output, reference, precision: str) -> Check:
+    """A quantised latent [B, C, h, w] against the float32 one: finite, and the share of positions
+    whose code (the C-vector) differs within `MAX_CODE_FLIPS[precision]`; fp32 (and a precision
+    without a flip bound) is held to the element-wise bound of `check_output`."""
+    if precision not in MAX_CODE_FLIPS:
+        return check_output(output, reference, precision)
+    out, ref = _tensor(output), _tensor(reference)
+    if out.shape != ref.shape:
+        return Check(False, "shape", None, None, precision, 0,
+                     f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
+    bad = int((~torch.isfinite(out)).sum())
+    if bad:
+        return Check(False, "changed_codes", math.nan, None, precision, bad,
+                     f"{bad} of {out.numel()} outputs not finite")
+    value, bound = float((out != ref).any(dim=1).float().mean()), MAX_CODE_FLIPS[precision]
+    passed = value <= bound
+    reason = "" if passed else f"changed_codes {value:.3g} beyond the {precision} bound {bound:g}"
+    return Check(passed, "changed_codes", value, bound, precision, 0, reason)
+
+
 def tolerances() -> dict:
     """The bounds as recorded in every result file."""
     return {"rel_max_error": dict(REL_MAX_ERROR), "min_psnr_db": dict(MIN_PSNR_DB),
+            "changed_codes": dict(MAX_CODE_FLIPS),
             "reference": "the same stage, eager, float32, same input (and seeds)"}

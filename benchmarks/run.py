@@ -2,20 +2,35 @@
 measured matmul peak, in one run.
 
     python benchmarks/run.py [--quick | --smoke] [--device cpu|cuda] [--tag dev] [--compile]
+                             [--configs small,paper] [--backends a,b] [--only stage,stage] [--no-scaling]
 
 Prints a table as it goes and writes a JSON and a scaling plot (.png) beside it:
-benchmarks/results/<machine>-<date>[-quick|-smoke][-partial][-<tag>].json (`-partial`: --only or
---no-scaling). An earlier result of the same name is kept (the new one gets `-2`, `-3`, ...). Weights are random: speed does not depend on them. Rows are a registry of
+benchmarks/results/<machine>-<date>[-quick|-smoke][-partial][-<tag>].json (`-partial`: --only,
+--configs, --backends or --no-scaling). An earlier result of the same name is kept (the new one gets `-2`, `-3`, ...). Weights are random: speed does not depend on them. Rows are a registry of
 `Scenario`s; a new backend or stage only adds entries to `BACKENDS` / `STAGES` / `scenarios()`.
-Backends that are not present here (fused kernels, TensorRT, a GPU) are listed as skipped, with why.
+Backends that are not present here (fused kernels, TensorRT, OpenVINO, a GPU) are listed as skipped,
+with why.
+
+On the CPU the same run also times the CPU engines at batch 1, each stage checked before it is
+timed: ours (`openvino` fp32/bf16/int8: bsldm_fast's OpenVINO runner; eager torch and torch-compile
+bf16) and peers (`onnxruntime` fp32, `openvino-default` bf16: benchmarks/peers.py), every row
+marked ours or peer (`kind`), with GFLOP/s and its share of the GEMM rate of its precision measured
+in the same run (int8 rows: of the int8 GEMM rate, in 2*M*N*K ops/s, and of the bf16 one). Then end
+to end on `cpu-best`: each stage on the fastest checked row of ours measured earlier in the run
+(bf16; int8 picks among the int8 and bf16 rows), as `backend="auto"` would run it. The CPU paths
+alone, at paper size:
+
+    python benchmarks/run.py --configs paper --only vq-encode,unet-step,vq-decode,end-to-end --no-scaling
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import json
 import resource
 import sys
@@ -29,15 +44,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from checks import Check, check_finite, check_output, tolerances  # noqa: E402
+from checks import Check, check_codes, check_finite, check_output, tolerances  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
-from timing import (Row, Timing, machine, machine_slug, matmul_peak, measure, unet_flops,  # noqa: E402
-                    vqgan_flops, write_results)
+from peers import (OnnxRuntimePeer, OpenVINOPeer, RunnerWith, onnx_graphs, onnxruntime_unavailable,  # noqa: E402
+                   openvino_peer_unavailable)
+from timing import (Row, Timing, int8_gemm_peak, machine, machine_slug, matmul_peak, measure,  # noqa: E402
+                    unet_flops, vqgan_flops, write_results)
 
 from bsldm_fast.config import ModelConfig, preset  # noqa: E402
 from bsldm_fast.modeldir import Model, random_model  # noqa: E402
 from bsldm_fast.pipeline import DEFAULT_SAMPLER, PRECISIONS, Pipeline  # noqa: E402
 from bsldm_fast.pipeline import DEFAULT_STEPS as PIPELINE_STEPS  # noqa: E402
+from bsldm_fast.engines.runners import (StageRunner, backend_unavailable, make_runner,  # noqa: E402
+                                        make_stage_runner)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_ORDER = ("vq-encode", "unet-step", "sampler-step", "vq-decode", "end-to-end")
@@ -115,6 +134,8 @@ class Context:
         self.plan = plan
         self._key: tuple | None = None
         self._cache: dict = {}
+        self.rows: list[Row] = []
+        """The rows measured so far in this run (`main` appends them): what `cpu-best` picks from."""
 
     def model_config(self, name: str, resolution: int) -> ModelConfig:
         config = preset(name)
@@ -136,6 +157,36 @@ class Context:
             self._cache[key] = build()
         return self._cache[key]
 
+    def pipeline(self, key: tuple, build: Callable[[], object], exclusive: bool = False):
+        """`cached`, for pipelines. An `exclusive` one (a CPU engine: compiled models of their own)
+        first drops every other exclusive one: the paper model's engines together outgrow 24 GiB,
+        and the registry runs each engine's rows one after another."""
+        if exclusive:
+            key = ("exclusive", *key)
+            if key not in self._cache:
+                for other in [k for k in self._cache if k[:1] == ("exclusive",)]:
+                    del self._cache[other]
+                gc.collect()
+        return self.cached(key, build)
+
+    def model_dir(self, model: Model) -> Path:
+        """A model directory of `model` (saved once per model, in a temporary folder removed with
+        the model's cache): what the OpenVINO runner caches its compiled models and the int8 IR in,
+        and where the peers read the exported ONNX graphs."""
+        def save():
+            import tempfile
+
+            from bsldm_fast import modeldir
+
+            scratch = tempfile.TemporaryDirectory(prefix="bsldm-bench-")
+            modeldir.save(Path(scratch.name) / "model", model.config, model.vqgan, model.unet)
+            return scratch
+        return Path(self.cached(("model_dir",), save).name) / "model"
+
+    def config_name(self) -> str:
+        """The preset of the model in use (`model`'s last key)."""
+        return self._key[0]
+
 
 @dataclass(frozen=True)
 class Backend:
@@ -146,6 +197,14 @@ class Backend:
     available: Callable[[torch.device], str | None] = lambda device: None
     """None when usable here, else the reason it is skipped."""
     note: str = ""
+    kind: str = "ours"
+    """'ours', 'peer' or 'baseline' (the original-style loop): recorded in each row."""
+    exclusive: bool = False
+    """A CPU engine: one in memory at a time (`Context.pipeline`)."""
+
+
+class Unavailable(Exception):
+    """Raised by a backend's build when the row cannot run here: the row is skipped with the reason."""
 
 
 def _eager(ctx: Context, model: Model, precision: str) -> Pipeline:
@@ -230,12 +289,175 @@ def _diffusers_available(device: torch.device) -> str | None:
     return None
 
 
+def _cpu_only(why: Callable[[], str | None]) -> Callable[[torch.device], str | None]:
+    def available(device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return "a CPU engine: run with --device cpu"
+        return why()
+    return available
+
+
+def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
+    """The int8 IRs of the random weights in `path`, for every network `engines.int8` can quantise
+    (the U-Net; the VQ encoder and decoder where `int8.int8_ir` and `int8.NETWORKS` name them):
+    calibrated on one phantom (DDPM, seed 0), for timing only; the quality gate needs trained weights
+    and held-out real pairs (benchmarks/int8_gate.py measures it on the bundled model)."""
+    import logging
+
+    from bsldm_fast.engines import int8
+
+    # NNCF logs every node it leaves in float at INFO: hundreds of lines in the table. Its import
+    # sets its logger's level, so import it first.
+    try:
+        import nncf  # noqa: F401
+    except ImportError:
+        pass
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    calibration = dict(calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
+    if not hasattr(int8, "int8_ir"):  # before the int8 VQ networks: the U-Net only
+        int8.int8_unet_ir(path, model, **calibration)
+        return
+    for network in getattr(int8, "NETWORKS", ("unet",)):
+        int8.int8_ir(path, model, network, **calibration)
+
+
+INT8_NOTE = "int8 IRs calibrated on one phantom for these random weights, ungated: timing only"
+
+
+def _openvino(ctx: Context, model: Model, precision: str) -> Pipeline:
+    """Ours: bsldm_fast's OpenVINO runner on a model directory. int8: the NNCF int8 U-Net built for
+    these weights and run ungated (`gated=False`: the gate's verdict needs trained weights)."""
+    path = ctx.model_dir(model)
+    if precision != "int8":
+        return Pipeline.create(model.config, model.vqgan, model.unet, ctx.device, precision, backend="openvino",
+                               model_dir=path, graphs=None)
+    from bsldm_fast.engines.openvino import OpenVINORunner
+
+    _int8_ir(ctx, model, path)
+    return Pipeline(model.config, OpenVINORunner(model.config, model.vqgan, model.unet, "int8", path, gated=False),
+                    ctx.device)
+
+
+def _peer(cls):
+    def build(ctx: Context, model: Model, precision: str) -> Pipeline:
+        graphs = onnx_graphs(ctx.model_dir(model), model.config, model.vqgan, model.unet)
+        return Pipeline(model.config, cls(graphs, model.vqgan.quantizer.embedding.weight), ctx.device)
+    return build
+
+
+RUNNER_OF = {"torch-eager": "torch", "torch-compile": "torch-compile", "openvino": "openvino"}
+"""run.py's backends of ours that are runner backends (`engines.runners.make_runner`)."""
+NETWORK_OF = {"vq-encode": "encoder", "unet-step": "unet", "vq-decode": "decoder"}
+
+
+def int8_networks(runner) -> set[str]:
+    """The networks a runner runs in int8: its `int8_networks` where it names them, else the U-Net
+    when its int8 U-Net runs (`int8_refusal` None), else none."""
+    named = getattr(runner, "int8_networks", None)
+    if named is not None:
+        return set(named)
+    return {"unet"} if hasattr(runner, "int8_refusal") and runner.int8_refusal is None else set()
+
+
+def best_rows(rows: list[Row], config: str, resolution: int, precision: str) -> dict[str, Row] | str:
+    """network -> the fastest checked stage row of ours at batch 1 that a runner backend can rebuild
+    (`RUNNER_OF`), among the rows of `precision` (int8: among the int8 and the bf16 rows); or why
+    there is none."""
+    allowed = ("int8", "bf16") if precision == "int8" else (precision,)
+    best = {}
+    for stage, network in NETWORK_OF.items():
+        timed = [r for r in rows if r.stage == stage and r.kind == "ours" and r.backend in RUNNER_OF
+                 and r.config == config and r.resolution == resolution and r.batch == 1 and r.group == "stages"
+                 and r.precision in allowed and r.timing is not None]
+        if not timed:
+            return (f"no checked {'/'.join(allowed)} {stage} row of ours measured earlier in this run "
+                    f"(`cpu-best` is built from them: run the stage rows too)")
+        best[network] = min(timed, key=lambda r: r.timing.median)
+    return best
+
+
+def _cpu_best(ctx: Context, model: Model, precision: str) -> Pipeline:
+    """Each stage on the backend of its fastest checked row of ours in this run, built by
+    `make_stage_runner` as `backend="auto"` builds it from `bsldm-fast tune`'s table."""
+    config = model.config
+    best = best_rows(ctx.rows, ctx.config_name(), config.image_size, precision)
+    if isinstance(best, str):
+        raise Unavailable(best)
+    choice = {network: RUNNER_OF[r.backend] for network, r in best.items()}
+    path = ctx.model_dir(model)
+    if precision == "int8" and "openvino" in choice.values():
+        _int8_ir(ctx, model, path)
+    torch._dynamo.reset()
+    # The gated int8 runner's "not int8: no gate verdict" warning: `_ungated` below answers it.
+    quiet = _Quiet("bsldm_fast.engines.openvino") if precision == "int8" else contextlib.nullcontext()
+    with quiet:
+        try:
+            staged = make_stage_runner(config, model.vqgan, model.unet, choice, "cpu", precision, model_dir=path)
+        except ValueError:
+            if precision != "int8":
+                raise
+            # NOTE: until make_stage_runner takes 'int8' itself (openvino at int8, the others at bf16).
+            built = {b: make_runner(config, model.vqgan, model.unet, "cpu", "int8" if b == "openvino" else "bf16",
+                                    b, model_dir=path, freeze=("unet",) if b == "torch-compile" else ())
+                     for b in set(choice.values())}
+            staged = StageRunner({n: built[b] for n, b in choice.items()})
+    if precision == "int8":
+        staged = _as_picked(staged, best, model, path)
+    ctx.cached(("cpu-best-choice", precision), lambda: best)
+    return Pipeline(config, staged, ctx.device)
+
+
+class _Quiet:
+    """A logger held at ERROR inside the block."""
+
+    def __init__(self, name: str):
+        import logging
+
+        self.logger, self.level = logging.getLogger(name), None
+
+    def __enter__(self):
+        self.level = self.logger.level
+        self.logger.setLevel(40)
+
+    def __exit__(self, *exc):
+        self.logger.setLevel(self.level)
+
+
+def _as_picked(staged: StageRunner, best: dict[str, Row], model: Model, path: Path) -> StageRunner:
+    """The int8 stage runner with each OpenVINO network in the precision of the row picked for it.
+    `make_stage_runner(..., "int8")` chooses a backend per network, not a precision: its OpenVINO
+    runner runs every network it has in int8 in int8 (and refuses the int8 U-Net of random weights,
+    which have no gate verdict). So a network whose picked row is int8 gets the ungated int8 runner,
+    as the openvino int8 row ran it, and one whose picked row is bf16 but that the int8 runner would
+    run in int8 gets the bf16 runner."""
+    from bsldm_fast.engines.openvino import OpenVINORunner
+
+    runners = dict(staged.runners)
+    built: dict[str, OpenVINORunner] = {}
+
+    def runner(precision: str) -> OpenVINORunner:
+        if precision not in built:
+            built[precision] = OpenVINORunner(model.config, model.vqgan, model.unet, precision, path,
+                                              gated=False)
+        return built[precision]
+    for network, row in best.items():
+        current = runners[network]
+        if not isinstance(current, OpenVINORunner) or current.precision != "int8":
+            continue
+        runs_int8 = network in int8_networks(current)
+        if row.precision == "int8" and not runs_int8:
+            runners[network] = runner("int8")
+        elif row.precision != "int8" and runs_int8:
+            runners[network] = runner(row.precision)
+    return StageRunner(runners) if built else staged
+
+
 def backends(device: torch.device) -> dict[str, Backend]:
     low = ("bf16",) if device.type == "cpu" else ("bf16", "fp16")
     cl = "; bf16 U-Net channels-last" if device.type == "cpu" else ""
     table = [
         Backend("original-style", ("fp32",), _original, _diffusers_available,
-                "the BS-LDM loop: DDPMScheduler rebuilt every step, cat, host copy"),
+                "the BS-LDM loop: DDPMScheduler rebuilt every step, cat, host copy", kind="baseline"),
         Backend("torch-eager", ("fp32",) + low, _eager, note=f"unfused PyTorch step{cl}"),
         Backend("torch-compile", ("fp32",) + low, _compiled, _compile_available,
                 note=f"inductor; unfused PyTorch step{cl}"),
@@ -243,6 +465,17 @@ def backends(device: torch.device) -> dict[str, Backend]:
     table += [Backend(f"fused-{n}", ("fp32",) + low, _fused(n), _fused_unavailable(n),
                       note=f"eager U-Net; fused {n} step and VQ quantiser{cl}") for n in FUSED]
     table.append(Backend("tensorrt", ("fp16",), _tensorrt, _tensorrt_available))
+    table += [
+        Backend("openvino", ("fp32", "bf16", "int8"), _openvino,
+                _cpu_only(lambda: backend_unavailable("openvino", torch.device("cpu"))),
+                "bsldm_fast's OpenVINO runner (float32 embedding and codebook search)", exclusive=True),
+        Backend("onnxruntime", ("fp32",), _peer(OnnxRuntimePeer), _cpu_only(onnxruntime_unavailable),
+                "peer: ONNX Runtime CPU on the exported fp32 graphs", kind="peer", exclusive=True),
+        Backend("openvino-default", ("bf16",), _peer(OpenVINOPeer), _cpu_only(openvino_peer_unavailable),
+                "peer: OpenVINO on the exported fp32 graphs with its bf16 hint as is", kind="peer", exclusive=True),
+        Backend("cpu-best", ("bf16", "int8"), _cpu_best, _cpu_only(lambda: None),
+                "each stage on the fastest checked row of ours in this run (make_stage_runner)", exclusive=True),
+    ]
     return {b.name: b for b in table}
 
 
@@ -263,6 +496,9 @@ class Prepared:
     """The output is an image (end to end): checked by PSNR, else by relative error."""
     output: Callable[[object], object] = lambda result: result
     """The output to check, from what `fn` returns."""
+    codes: bool = False
+    """The output is a quantised latent (VQ encode): in reduced precision checked by its share of
+    changed codes (`checks.check_codes`)."""
 
 
 def _images(config: ModelConfig, batch: int, device: torch.device) -> torch.Tensor:
@@ -277,7 +513,7 @@ def _latents(config: ModelConfig, batch: int, channels: int, device: torch.devic
 
 def stage_encode(s: Scenario, ctx: Context, p: Pipeline, config: ModelConfig) -> Prepared:
     images = _images(config, s.batch, ctx.device)
-    return Prepared(lambda: p.encode(images), vqgan_flops(config, s.batch)[0])
+    return Prepared(lambda: p.encode(images), vqgan_flops(config, s.batch)[0], codes=True)
 
 
 def stage_decode(s: Scenario, ctx: Context, p: Pipeline, config: ModelConfig) -> Prepared:
@@ -306,14 +542,6 @@ class _StubDenoiser:
         return self.eps
 
 
-class _FreeUNetRunner:
-    """A pipeline's runner with the U-Net replaced by `_StubDenoiser`."""
-
-    def __init__(self, runner, eps: torch.Tensor):
-        self.name, self.precision, self.codes = f"{runner.name}+stub", runner.precision, runner.codes
-        self.encode, self.decode, self.denoise = runner.encode, runner.decode, _StubDenoiser(eps)
-
-
 def stage_sampler(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared:
     c = config.diffusion.latent_channels
     elements = s.batch * c * config.latent_size**2
@@ -325,7 +553,9 @@ def stage_sampler(s: Scenario, ctx: Context, p, config: ModelConfig) -> Prepared
         return Prepared(lambda: p.loop(cxr, s.steps, stub), flops * config.unet.out_channels // c,
                         "diffusers step + scheduler rebuild + cat + host copy")
     cond = _latents(config, s.batch, c, ctx.device)
-    free = _FreeUNetRunner(p.runner, _latents(config, s.batch, c, ctx.device) * 0.5)
+    # The pipeline's runner with the U-Net replaced by the stub.
+    free = RunnerWith(p.runner, f"{p.runner.name}+stub",
+                      denoise=_StubDenoiser(_latents(config, s.batch, c, ctx.device) * 0.5))
     stubbed = Pipeline(config, free, ctx.device, p.step_backend)
     seeds = list(range(s.batch))
     return Prepared(lambda: stubbed.sample_latents(cond, seeds, s.sampler, s.steps), flops,
@@ -395,6 +625,8 @@ def scenarios(plan: Plan, device: torch.device, default_backend: str = "torch-ea
                     continue
                 rows.append(Scenario("end-to-end", backend, prec, cfg, batch, 0, DEFAULT_SAMPLER,
                                      DEFAULT_STEPS, heavy=heavy))
+            if batch == 1 and not cuda:
+                rows += cpu_engine_scenarios(cfg, heavy)
     c = plan.scaling_config
     size = preset(c).image_size
     for res in plan.scaling_resolutions:
@@ -409,6 +641,34 @@ def scenarios(plan: Plan, device: torch.device, default_backend: str = "torch-ea
         rows.append(Scenario("end-to-end", default_backend, low, sc, 1, preset(sc).image_size, DEFAULT_SAMPLER,
                              steps, group="scaling-steps", heavy=preset(sc).image_size >= 512 and not cuda))
     return rows
+
+
+CPU_ENGINES = (("openvino", ("fp32", "bf16", "int8")), ("onnxruntime", ("fp32",)), ("openvino-default", ("bf16",)))
+"""The CPU engines' rows, ours and peers (their order: each engine's rows run together, one engine
+in memory at a time). An int8 stage row is skipped, with why, where the runner runs that network in
+bf16 (`int8_networks`): today the U-Net only."""
+
+
+def cpu_engine_scenarios(cfg: str, heavy: bool) -> list[Scenario]:
+    """The CPU paths side by side at batch 1, after the torch rows of the config: the bf16 VQ rows
+    of eager torch and torch-compile (cpu-best picks among them), each CPU engine's three stages and
+    the peers end to end, then `cpu-best` end to end in bf16 and int8."""
+    rows = [Scenario(stage, backend, "bf16", cfg, 1, heavy=heavy)
+            for stage in ("vq-encode", "vq-decode") for backend in ("torch-eager", "torch-compile")]
+    for backend, precisions in CPU_ENGINES:
+        for prec in precisions:
+            rows += [Scenario(stage, backend, prec, cfg, 1, heavy=heavy and stage != "unet-step")
+                     for stage in NETWORK_OF]
+            if table_kind(backend) == "peer":
+                rows.append(Scenario("end-to-end", backend, prec, cfg, 1, 0, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                     heavy=heavy))
+    rows += [Scenario("end-to-end", "cpu-best", prec, cfg, 1, 0, DEFAULT_SAMPLER, DEFAULT_STEPS, heavy=heavy)
+             for prec in ("bf16", "int8")]
+    return rows
+
+
+def table_kind(backend: str) -> str:
+    return backends(torch.device("cpu"))[backend].kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,7 +695,14 @@ def prepare(s: Scenario, ctx: Context, table: dict[str, Backend]) -> tuple[Backe
         return "torch.compile is off in this mode (minutes per compile on 2 cores): the full run, --compile, or BSLDM_BENCH_COMPILE=1 for pytest"
     model = ctx.model(s.config, s.resolution)
     config = model.config
-    p = ctx.cached((s.backend, s.precision), lambda: backend.build(ctx, model, s.precision))
+    try:
+        p = ctx.pipeline((s.backend, s.precision), lambda: backend.build(ctx, model, s.precision), backend.exclusive)
+    except Unavailable as why:
+        return str(why)
+    if s.precision == "int8" and s.stage in NETWORK_OF and NETWORK_OF[s.stage] not in int8_networks(p.runner):
+        # An int8 row exists only where int8 runs: elsewhere the int8 runner is its bf16 row.
+        return (f"the int8 {s.backend} runner runs the {NETWORK_OF[s.stage]} in bf16 (int8: "
+                f"{', '.join(sorted(int8_networks(p.runner))) or 'nothing'}): its bf16 row is this path")
     return backend, p, config, STAGES[s.stage](s, ctx, p, config)
 
 
@@ -474,7 +741,10 @@ def check_scenario(s: Scenario, ctx: Context, table: dict[str, Backend], prepare
     if (s.backend, s.precision) == REFERENCE:
         # The reference itself: cache this output rather than computing it twice.
         ctx.cached(("reference", s.stage, s.batch, s.sampler, s.steps), lambda: output)
-    return check_output(output, reference_output(s, ctx, table), s.precision, image=prepared.image)
+    reference = reference_output(s, ctx, table)
+    if prepared.codes:
+        return check_codes(output, reference, s.precision)
+    return check_output(output, reference, s.precision, image=prepared.image)
 
 
 def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | Failed | str:
@@ -486,8 +756,8 @@ def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | 
     backend, p, config, prepared = ready
     plan = ctx.plan
     warmup, repeats = (plan.heavy_warmup, plan.heavy_repeats) if s.heavy else (1, plan.repeats)
-    note = "; ".join(x for x in (backend.note if s.stage in ("unet-step", "end-to-end") else "",
-                                 prepared.note) if x)
+    note = "; ".join(x for x in (backend.note if s.stage in ("unet-step", "end-to-end") or backend.exclusive
+                                 else "", prepared.note, _extra_note(s, ctx)) if x)
     # The first call is the check (and, for torch.compile and TensorRT, the build); it stands in
     # for one warm-up call. A row whose output is wrong is never timed.
     start = time.perf_counter()
@@ -498,16 +768,28 @@ def run_scenario(s: Scenario, ctx: Context, table: dict[str, Backend]) -> Row | 
     del first
     if not check.passed:
         return Failed(f"correctness check failed: {check.summary()}", check)
-    compile_s = first_s if s.backend in ("torch-compile", "tensorrt") else None
+    compile_s = first_s if s.backend in ("torch-compile", "tensorrt") or backend.exclusive else None
     if isinstance(p, OriginalStyle):
-        return _run_original(s, ctx, p, prepared, warmup, repeats, note, check)
+        return dataclasses.replace(_run_original(s, ctx, p, prepared, warmup, repeats, note, check),
+                                   kind=backend.kind)
     timing = measure(prepared.fn, warmup, repeats, ctx.device)
     if s.stage == "sampler-step":
         timing = _per_step(timing, s.steps)
     if compile_s is not None:
         compile_s = max(compile_s - timing.median, 0.0)
     return Row(s.stage, s.backend, s.precision, s.batch, config.image_size, s.sampler, s.steps, timing,
-               prepared.flops, s.config, s.group, note, compile_s, check.as_dict())
+               prepared.flops, s.config, s.group, note, compile_s, check.as_dict(), backend.kind)
+
+
+def _extra_note(s: Scenario, ctx: Context) -> str:
+    """What a row of the int8 runner or of cpu-best runs, beyond its backend's note."""
+    if s.backend == "cpu-best":
+        best = ctx.cached(("cpu-best-choice", s.precision), lambda: {})
+        picked = ", ".join(f"{n}={r.backend} {r.precision} ({r.timing.median:.3g} s)" for n, r in best.items())
+        return f"{picked}" + (f"; {INT8_NOTE}" if any(r.precision == "int8" for r in best.values()) else "")
+    if s.precision == "int8" and s.backend == "openvino":
+        return INT8_NOTE
+    return ""
 
 
 def _per_step(t: Timing, steps: int) -> Timing:
@@ -562,7 +844,7 @@ def baseline_for(row: Row, rows: list[Row]) -> Row | None:
     return None
 
 
-HEADER = (f"{'stage':<12} {'backend':<15} {'prec':<5} {'cfg':<6} {'res':>5} {'batch':>5} {'sampler':<7} "
+HEADER = (f"{'stage':<12} {'backend':<16} {'kind':<4} {'prec':<5} {'cfg':<6} {'res':>5} {'batch':>5} {'sampler':<7} "
           f"{'steps':>5} {'median s':>9} {'spread':>6} {'s/img':>8} {'GFLOP/s':>8} {'of peak':>7} "
           f"{'mem MiB':>8} {'vs base':>8}")
 
@@ -573,7 +855,8 @@ def format_row(row: Row, rows: list[Row], peaks: dict[str, float]) -> str:
     peak = peaks.get(row.precision)
     share = f"{row.rate / peak:7.1%}" if peak and row.rate else "      -"
     extra = f"  [compile {row.compile_s:.0f} s]" if row.compile_s is not None else ""
-    return (f"{row.stage:<12} {row.backend:<15} {row.precision:<5} {row.config:<6} {row.resolution:>5} "
+    return (f"{row.stage:<12} {row.backend:<16} {row.kind[:4]:<4} {row.precision:<5} {row.config:<6} "
+            f"{row.resolution:>5} "
             f"{row.batch:>5} {row.sampler:<7} {row.steps:>5} {row.timing.median:>9.4g} "
             f"{row.timing.spread:>6.1%} {row.per_image:>8.4g} {row.rate / 1e9:>8.1f} {share} "
             f"{row.timing.peak_rss_mib:>8.0f} {ratio}{extra}")
@@ -585,8 +868,7 @@ def headline(rows: list[Row], peaks: dict[str, float], config: str = "paper") ->
     out: dict = {"config": config}
     e2e = [r for r in rows if r.stage == "end-to-end" and r.config == config and r.group == "stages"]
     orig = next((r for r in e2e if r.backend == "original-style"), None)
-    fast = [r for r in e2e if r.backend != "original-style" and r.sampler == DEFAULT_SAMPLER
-            and r.steps == DEFAULT_STEPS]
+    fast = [r for r in e2e if r.kind == "ours" and r.sampler == DEFAULT_SAMPLER and r.steps == DEFAULT_STEPS]
     if fast:
         best = min(fast, key=lambda r: r.per_image)
         out.update(best=f"{best.backend} {best.precision} batch {best.batch}",
@@ -595,11 +877,39 @@ def headline(rows: list[Row], peaks: dict[str, float], config: str = "paper") ->
             out.update(original_s_per_image=orig.per_image, speedup_vs_original=orig.per_image / best.per_image,
                        target_speedup=100.0)
     low = [r for r in rows if r.stage == "unet-step" and r.config == config and r.group == "stages"
-           and r.precision in ("bf16", "fp16") and r.batch == 1]
+           and r.precision in ("bf16", "fp16") and r.batch == 1 and r.kind == "ours"]
     if low and peaks:
         best = max(low, key=lambda r: r.rate)
         out.update(unet_step=f"{best.backend} {best.precision}", unet_step_s=best.timing.median,
                    unet_fraction_of_peak=best.rate / peaks[best.precision], target_fraction=0.75)
+    versus = ours_vs_peers(rows, peaks, config)
+    if versus:
+        out["ours_vs_peer"] = versus
+    return out
+
+
+def ours_vs_peers(rows: list[Row], peaks: dict[str, float], config: str = "paper") -> dict:
+    """Per stage at batch 1: our fastest checked row (any backend and precision) beside the fastest
+    peer row, seconds per image and peer / ours (> 1: ours is faster); for the README's block."""
+    out = {}
+    for stage in ("vq-encode", "unet-step", "vq-decode", "end-to-end"):
+        same = [r for r in rows if r.stage == stage and r.config == config and r.group == "stages"
+                and r.batch == 1 and r.timing is not None and (stage != "end-to-end" or (
+                    r.sampler, r.steps) == (DEFAULT_SAMPLER, DEFAULT_STEPS))]
+        ours = [r for r in same if r.kind == "ours"]
+        peer = [r for r in same if r.kind == "peer"]
+        entry = {}
+        for who, candidates in (("ours", ours), ("peer", peer)):
+            if candidates:
+                best = min(candidates, key=lambda r: r.per_image)
+                entry.update({who: f"{best.backend} {best.precision}", f"{who}_s": best.per_image,
+                              f"{who}_gflops": best.rate / 1e9 if best.rate else None,
+                              f"{who}_of_peak": best.rate / peaks[best.precision]
+                              if best.rate and peaks.get(best.precision) else None})
+        if ours and peer:
+            entry["peer_over_ours"] = entry["peer_s"] / entry["ours_s"]
+        if entry:
+            out[stage] = entry
     return out
 
 
@@ -648,11 +958,18 @@ def plot_scaling(rows: list[Row], path: Path, title: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="fewer repeats and rows (< 10 min on 2 cores)")
+    mode.add_argument("--quick", action="store_true", help="fewer repeats and rows, no torch.compile (about 30 min on 2 cores, most of it the "
+                      "paper-size CPU engines; narrow with --configs/--backends/--only)")
     mode.add_argument("--smoke", action="store_true", help="the tiny config only, seconds (for tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--compile", action="store_true", help="include torch.compile rows in --quick/--smoke")
-    parser.add_argument("--only", default="", help="comma-separated stages to run (default: all)")
+    parser.add_argument("--only", default="", help="comma-separated stages to run (default: all): "
+                        + ",".join(STAGE_ORDER))
+    parser.add_argument("--configs", default="", help="comma-separated model configs to run (default: the "
+                        "plan's, e.g. small,paper; the scaling series too)")
+    parser.add_argument("--backends", default="", help="comma-separated backends to run (default: all), e.g. "
+                        "openvino,onnxruntime,openvino-default,cpu-best,torch-eager (cpu-best needs the stage "
+                        "rows of ours it picks from)")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling series and plot")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--tag", default="", help="appended to the file names, e.g. 'dev'")
@@ -678,22 +995,38 @@ def main(argv: list[str] | None = None) -> int:
     low = "fp16" if device.type == "cuda" else "bf16"
     precisions = ("fp32", "bf16", "fp16") if device.type == "cuda" else ("fp32", "bf16")
 
-    def peaks_now() -> dict[str, float]:
-        return {p: matmul_peak(PRECISIONS[p], device=device) for p in precisions}
+    int8_gemm: dict[str, dict] = {}
+
+    def peaks_now(when: str) -> dict[str, float]:
+        peaks = {p: matmul_peak(PRECISIONS[p], device=device) for p in precisions}
+        if device.type == "cpu":
+            # int8 in 2*M*N*K ops/s (`timing.INT8_UNIT`): the best of torch._int_mm and OpenVINO's.
+            int8_gemm[when] = int8_gemm_peak()
+            peaks["int8"] = int8_gemm[when]["ops_per_s"]
+        return peaks
+
+    def show(peaks: dict[str, float], when: str) -> str:
+        how = int8_gemm.get(when, {}).get("how")
+        return ", ".join(f"{k} {v / 1e9:.0f} {'GOP/s (' + str(how) + ')' if k == 'int8' else 'GFLOP/s'}"
+                         for k, v in peaks.items())
     # NOTE: measured at the start and again at the end; the best of the two is the ceiling, and a
     # large difference between them says the machine was busy during the run.
-    peaks_start = peaks_now()
-    print("measured matmul peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks_start.items()),
-          flush=True)
+    peaks_start = peaks_now("start")
+    print(f"measured matmul peak: {show(peaks_start, 'start')}", flush=True)
     peaks = dict(peaks_start)
 
     # The Pipeline's default path here: the first fused step backend present, else unfused.
     default_backend = next((n for n, b in table.items() if n.startswith("fused-") and b.available(device) is None),
                            "torch-eager")
     todo = scenarios(plan, device, default_backend)
-    if args.only:
-        keep = set(args.only.split(","))
-        todo = [s for s in todo if s.stage in keep]
+    filters = (("only", "stage", STAGE_ORDER), ("configs", "config", None), ("backends", "backend", table))
+    for flag, field, known in filters:
+        if getattr(args, flag):
+            keep = set(getattr(args, flag).split(","))
+            unknown = keep - set(known if known is not None else {s.config for s in todo})
+            if unknown:
+                parser.error(f"--{flag}: unknown {sorted(unknown)}")
+            todo = [s for s in todo if getattr(s, field) in keep]
     if args.no_scaling:
         todo = [s for s in todo if s.group == "stages"]
     rows: list[Row] = []
@@ -729,23 +1062,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  skip {s.stage} {s.backend} {s.precision} {s.config} batch {s.batch}: {result}", flush=True)
             continue
         rows.append(result)
+        ctx.rows.append(result)
         print(f"{format_row(result, rows, peaks)}   ({i}/{len(todo)}, {time.perf_counter() - started:.0f} s)",
               flush=True)
 
-    peaks_end = peaks_now()
+    peaks_end = peaks_now("end")
     peaks = {k: max(peaks_start[k], peaks_end[k]) for k in peaks_start}
-    print("matmul peak at the end: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks_end.items())
+    print(f"matmul peak at the end: {show(peaks_end, 'end')}"
           + " (the table's 'of peak' used the start's; the JSON uses the best of both)", flush=True)
     wall = time.perf_counter() - started
     usage = resource.getrusage(resource.RUSAGE_SELF)
     cpu_s = usage.ru_utime + usage.ru_stime
-    heads = {c: headline(rows, peaks, c) for c in plan.configs}
+    heads = {c: headline(rows, peaks, c) for c in plan.configs if not args.configs or c in args.configs.split(",")}
     name = machine_slug(info)
     # Only a whole full run owns the plain name (summary.py prefers it); --only makes a partial one.
-    mode = plan.name + ("-partial" if args.only or args.no_scaling else "")
+    mode = plan.name + ("-partial" if args.only or args.no_scaling or args.configs or args.backends else "")
     suffix = ("" if mode == "full" else f"-{mode}") + (f"-{args.tag}" if args.tag else "")
     path = write_results(rows, peaks, name, args.out, device=device, suffix=suffix,
-                         extra={"mode": mode, "tag": args.tag, "only": args.only, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
+                         extra={"mode": mode, "tag": args.tag, "only": args.only, "configs": args.configs,
+                                "backends": args.backends, "int8_gemm": int8_gemm, "wall_s": wall, "cpu_s": cpu_s, "headline": heads, "skipped": skipped,
                                 "failed": failed, "tolerances": tolerances(),
                                 "matmul_peak_start": peaks_start, "matmul_peak_end": peaks_end})
     title = f"{default_backend} {low}: resolution and batch at {plan.scaling_config} architecture, steps at {plan.steps_config}, {info['device']} / {info['processor']}, {info['date']}"

@@ -145,6 +145,83 @@ def matmul_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (2048, 4096), repea
     return best
 
 
+INT8_UNIT = "int8 ops/s, counted as 2*M*N*K (one multiply and one add per MAC), like FLOP/s"
+
+
+def int8_gemm_peak(sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3) -> dict:
+    """The machine's measured dense int8 GEMM rate on the CPU (the int8 rows' ceiling), in
+    `INT8_UNIT`: the best of the candidates that run here, each at a few square sizes, timed like
+    `matmul_peak` (minimum of `repeats` after a warm-up). Candidates:
+
+    - `torch._int_mm` (int8 x int8 -> int32, oneDNN/MKL);
+    - OpenVINO's CPU plugin on a one-MatMul model, the pattern NNCF's int8 IRs have: FakeQuantize
+      (u8 levels) on the activation, int8 weights with a per-channel scale (Convert, Multiply), under
+      the bf16 hint the int8 runner uses; and the same MatMul with FakeQuantize on both inputs.
+      A candidate counts only where the plugin reports the MatMul/FullyConnected at u8/i8
+      (`runtimePrecision`): a plugin that fell back to bf16 would measure the wrong thing.
+
+    Returns {"ops_per_s": best, "how": its candidate, "candidates": {name: ops/s or why not},
+    "unit": INT8_UNIT}; ops_per_s is 0.0 when nothing ran."""
+    candidates: dict[str, float | str] = {}
+    for name, build in (("torch._int_mm", _int_mm_gemm),
+                        ("openvino FullyConnected u8 x i8 weights", _ov_int8_gemm(True)),
+                        ("openvino MatMul u8 x FakeQuantize", _ov_int8_gemm(False))):
+        best = 0.0
+        try:
+            for n in sizes:
+                fn = build(n)
+                t = measure(fn, warmup=1, repeats=repeats)
+                best = max(best, 2 * n**3 / t.minimum)
+        except Exception as error:  # noqa: BLE001 - a candidate that cannot run here is recorded as such
+            candidates[name] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            continue
+        candidates[name] = best
+    rates = {k: v for k, v in candidates.items() if isinstance(v, float)}
+    how = max(rates, key=rates.get) if rates else None
+    return {"ops_per_s": rates[how] if how else 0.0, "how": how, "candidates": candidates, "unit": INT8_UNIT}
+
+
+def _int_mm_gemm(n: int) -> Callable[[], torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g)
+    b = torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=g)
+    torch._int_mm(a, b)  # raises where the CPU build has no int8 GEMM
+    return lambda: torch._int_mm(a, b)
+
+
+def _ov_int8_gemm(int8_weights: bool) -> Callable[[int], Callable[[], object]]:
+    def build(n: int) -> Callable[[], object]:
+        import numpy as np
+        import openvino as ov
+        import openvino.opset13 as ops
+
+        def fq(x, low: float, high: float):
+            lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
+            return ops.fake_quantize(x, lo, hi, lo, hi, 256)
+        rng = np.random.default_rng(0)
+        a = ops.parameter([n, n], ov.Type.f32, name="a")
+        params = [a]
+        if int8_weights:
+            w = ops.constant(rng.integers(-127, 128, (n, n)).astype(np.int8))
+            b = ops.multiply(ops.convert(w, ov.Type.f32), ops.constant(np.full((1, n), 0.01, np.float32)))
+        else:
+            p = ops.parameter([n, n], ov.Type.f32, name="b")
+            params.append(p)
+            b = fq(p, -1.28, 1.27)
+        model = ov.Model([ops.matmul(fq(a, 0.0, 2.55), b, False, False)], params)
+        compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                          "INFERENCE_PRECISION_HINT": "bf16"})
+        precisions = {op.get_rt_info()["layerType"].astype(str): op.get_rt_info()["runtimePrecision"].astype(str)
+                      for op in compiled.get_runtime_model().get_ordered_ops()}
+        gemm = precisions.get("FullyConnected", precisions.get("MatMul"))
+        if gemm not in ("u8", "i8"):
+            raise RuntimeError(f"the plugin ran the GEMM in {gemm}, not int8")
+        request = compiled.create_infer_request()
+        feeds = [rng.random((n, n), dtype=np.float32) for _ in params]
+        return lambda: request.infer(feeds)
+    return build
+
+
 def gemm_as_conv(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
     """`a @ b` (square, n x n, n a multiple of 64) as a 1x1 convolution in channels-last, the layout
     oneDNN takes without copies: [1, n, n/64, 64] * [n, n, 1, 1]. Returns the call; its output is
@@ -203,6 +280,9 @@ class Row:
     check: dict | None = None
     """The correctness check of the row's first output against the eager float32 reference
     (`checks.Check`); summary.py refuses rows without a passing one."""
+    kind: str = "ours"
+    """'ours' (a bsldm_fast path), 'peer' (another engine run as a deployment engineer would) or
+    'baseline' (the original-style loop)."""
 
     @property
     def rate(self) -> float:
@@ -273,6 +353,10 @@ def row_dict(row: Row, peaks: dict[str, float]) -> dict:
     out["achieved_flops"] = row.rate
     peak = peaks.get(row.precision)
     out["fraction_of_peak"] = row.rate / peak if peak and row.rate else None
+    # Every row also against the bf16 GEMM rate, the CPU's fastest float ceiling: one yardstick for
+    # an fp32 peer, a bf16 path and an int8 one (whose own fraction above is of the int8 rate).
+    bf16 = peaks.get("bf16")
+    out["fraction_of_bf16_peak"] = row.rate / bf16 if bf16 and row.rate else None
     return out
 
 

@@ -71,6 +71,7 @@ def test_rows_carry_every_field_and_json_schema(measured):
             assert row["flops"] > 0
             assert row["achieved_flops"] == pytest.approx(row["flops"] / row["median"])
             assert row["fraction_of_peak"] == pytest.approx(row["achieved_flops"] / peaks[row["precision"]])
+            assert row["fraction_of_bf16_peak"] == pytest.approx(row["achieved_flops"] / peaks["bf16"])
 
 
 def test_original_style_is_scaled_from_timed_steps(measured):
@@ -182,29 +183,27 @@ def test_the_peak_times_the_same_product_as_a_convolution(gen):
 checks = sys.modules["checks"]
 
 
-def _wrong_backend(how: str):
-    """The eager bf16 pipeline broken `how`: a denoiser returning NaN, or 10 % off, or images
-    mirrored left to right (what a layout bug does)."""
-    class Broken:
-        def __init__(self, runner):
-            self.name, self.precision, self.codes = f"broken-{how}", runner.precision, runner.codes
-            self.runner = runner
+def _wrong_backend(how: str, base: str = "torch-eager"):
+    """The pipeline of backend `base` (eager torch by default, or a peer) broken `how`: a denoiser
+    returning NaN, or 10 % off, or images mirrored left to right (what a layout bug does). One
+    delegating wrapper (`peers.RunnerWith`) around whatever runner `base` builds."""
+    RunnerWith = sys.modules["peers"].RunnerWith
 
-        def encode(self, images):
-            return self.runner.encode(images)
+    def denoise(own, u, t):
+        eps = own(u, t)
+        return eps if how == "mirror" else eps * (math.nan if how == "nan" else 1.1)
 
-        def denoise(self, u, t):
-            eps = self.runner.denoise(u, t)
-            return eps if how == "mirror" else eps * (math.nan if how == "nan" else 1.1)
-
-        def decode(self, z):
-            image = self.runner.decode(z)
-            return image.flip(-1) if how == "mirror" else image
+    def decode(own, z):
+        image = own(z)
+        return image.flip(-1) if how == "mirror" else image
 
     def build(ctx, model, precision):
-        p = run._eager(ctx, model, precision)
-        return run.Pipeline(p.config, Broken(p.runner), p.device, p.step_backend)
-    return run.Backend(f"broken-{how}", ("fp32", "bf16"), build)
+        p = run.backends(torch.device("cpu"))[base].build(ctx, model, precision)
+        broken = RunnerWith(p.runner, f"broken-{how}", wrap=True, denoise=denoise, decode=decode)
+        return run.Pipeline(p.config, broken, p.device, p.step_backend)
+    name = f"broken-{how}" + ("" if base == "torch-eager" else f"-{base}")
+    original = run.backends(torch.device("cpu"))[base]
+    return run.Backend(name, original.precisions, build, original.available, kind=original.kind)
 
 
 @pytest.fixture(scope="module")
@@ -291,3 +290,177 @@ def test_summary_refuses_unchecked_results_and_names_failed_rows(tmp_path, monke
     assert "| torch-eager | bf16 | ddpm-10 | 1 | 10.0 s | 100× |" in text
     assert "| torch-compile |" not in text
     assert "- unet-step torch-compile bf16 `paper` batch 1: 4096 of 4096 outputs not finite" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU paths (issue 19): our OpenVINO runner and the peers in the same registry, checked like
+# every row; cpu-best built from the rows measured before it.
+
+CPU_ENGINES = ("openvino", "onnxruntime", "openvino-default", "cpu-best")
+
+
+def test_the_cpu_engines_are_in_every_plan_before_cpu_best():
+    for plan in ("quick", "full"):
+        todo = run.scenarios(run.PLANS[plan], torch.device("cpu"), "fused-cpp")
+        for config in ("small", "paper"):
+            rows = [s for s in todo if s.config == config and s.group == "stages" and s.batch == 1]
+            engines = {(s.stage, s.backend, s.precision) for s in rows}
+            for stage in ("vq-encode", "unet-step", "vq-decode"):
+                assert {(stage, "openvino", p) for p in ("fp32", "bf16", "int8")} <= engines
+                assert {(stage, "onnxruntime", "fp32"), (stage, "openvino-default", "bf16")} <= engines
+            assert {("end-to-end", b, p) for b, p in (("cpu-best", "bf16"), ("cpu-best", "int8"),
+                                                       ("onnxruntime", "fp32"), ("openvino-default", "bf16"))} <= engines
+            # cpu-best picks from the stage rows of ours: they all come before it.
+            first_best = min(i for i, s in enumerate(rows) if s.backend == "cpu-best")
+            assert all(i < first_best for i, s in enumerate(rows) if s.stage in run.NETWORK_OF)
+    table = run.backends(torch.device("cpu"))
+    assert {table[b].kind for b in ("onnxruntime", "openvino-default")} == {"peer"}
+    assert {table[b].kind for b in ("openvino", "cpu-best", "torch-eager")} == {"ours"}
+    assert not any(s.backend in CPU_ENGINES for s in run.scenarios(run.PLANS["full"], torch.device("cuda")))
+
+
+def test_the_cpu_engines_are_skipped_with_why_when_their_runtime_is_missing(monkeypatch):
+    for module in ("openvino", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, module, None)  # `import openvino` raises ImportError
+    ctx = run.Context(torch.device("cpu"), run.PLANS["smoke"])
+    table = run.backends(torch.device("cpu"))
+    why = {b: run.run_scenario(run.Scenario("unet-step", b, p, "tiny"), ctx, table)
+           for b, p in (("openvino", "bf16"), ("onnxruntime", "fp32"), ("openvino-default", "bf16"))}
+    assert all(isinstance(w, str) for w in why.values()), why
+    assert "OpenVINO is not installed" in why["openvino"]
+    assert why["onnxruntime"] == "onnxruntime is not installed"
+    assert why["openvino-default"] == "openvino is not installed"
+    gpu = run.run_scenario(run.Scenario("unet-step", "onnxruntime", "fp32", "tiny"),
+                           run.Context(torch.device("cuda"), run.PLANS["smoke"]), table)
+    assert "CPU" in gpu
+
+
+def _needs(module: str) -> None:
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{module} is not installed")
+
+
+@pytest.fixture(scope="module")
+def engine_ctx():
+    """One tiny model (and model directory) for the engine tests."""
+    return run.Context(torch.device("cpu"), dataclasses.replace(run.PLANS["smoke"], repeats=2))
+
+
+@pytest.mark.parametrize("stage, backend, precision", [
+    ("unet-step", "onnxruntime", "fp32"), ("vq-encode", "onnxruntime", "fp32"),
+    ("unet-step", "openvino", "bf16"), ("vq-decode", "openvino-default", "bf16")])
+def test_a_cpu_engine_row_on_tiny_passes_its_check(engine_ctx, stage, backend, precision):
+    _needs("onnxruntime" if backend == "onnxruntime" else "openvino")
+    _needs("onnx")
+    row = run.run_scenario(run.Scenario(stage, backend, precision, "tiny"), engine_ctx, run.backends(torch.device("cpu")))
+    assert isinstance(row, run.Row), row
+    assert row.check["passed"] and row.kind == ("ours" if backend == "openvino" else "peer")
+    if stage == "vq-encode":
+        assert row.check["metric"] == "rel_max_error"  # fp32: element-wise, a flipped code fails
+    else:
+        assert row.check["value"] <= checks.REL_MAX_ERROR[precision]
+    # The peers' error is measured, not assumed: fp32 graphs agree with eager fp32 to rounding.
+    if precision == "fp32":
+        assert row.check["value"] < 1e-5
+    assert row.rate > 0 and row.timing.median > 0
+
+
+@pytest.mark.parametrize("stage, how", [("unet-step", "nan"), ("vq-decode", "mirror"), ("end-to-end", "off")])
+def test_a_broken_peer_is_recorded_failed_not_timed(engine_ctx, stage, how, monkeypatch):
+    _needs("onnxruntime")
+    _needs("onnx")
+    table = dict(run.backends(torch.device("cpu")))
+    broken = _wrong_backend(how, "onnxruntime")
+    table[broken.name] = broken
+    monkeypatch.setattr(run, "measure", lambda *a, **k: pytest.fail("a failed row was timed"))
+    s = run.Scenario(stage, broken.name, "fp32", "tiny", 1, 0, "ddpm", 3)
+    result = run.run_scenario(s, engine_ctx, table)
+    assert isinstance(result, run.Failed), result
+    assert not result.check.passed
+    if how == "nan":
+        assert result.check.nonfinite > 0
+    elif stage == "end-to-end":
+        assert result.check.metric == "psnr_db" and result.check.value < checks.MIN_PSNR_DB["fp32"]
+
+
+def test_check_codes_counts_changed_codes(gen):
+    ref = torch.randn(1, 4, 8, 8, generator=gen)
+    out = ref.clone()
+    out[0, :, 0, :3] += 1.0  # three of 64 positions move to another code
+    c = checks.check_codes(out, ref, "bf16")
+    assert c.passed and c.metric == "changed_codes" and c.value == pytest.approx(3 / 64)
+    out[0, :, 1:, :] += 1.0
+    assert not checks.check_codes(out, ref, "bf16").passed
+    assert not checks.check_codes(ref + 1e-3, ref, "fp32").passed  # fp32 stays element-wise
+
+
+def _row(stage, backend, precision, seconds, config="tiny", kind="ours"):
+    t = sys.modules["timing"].Timing(seconds, seconds, seconds, 1, 0.0, "rss", [seconds])
+    return run.Row(stage, backend, precision, 1, 64, timing=t, flops=1e9, config=config, kind=kind)
+
+
+def test_best_rows_pick_the_fastest_checked_row_of_ours():
+    rows = [_row("vq-encode", "torch-eager", "bf16", 0.3), _row("vq-encode", "openvino", "bf16", 0.2),
+            _row("vq-encode", "onnxruntime", "fp32", 0.01, kind="peer"),  # a peer is never picked
+            _row("vq-encode", "fused-cpp", "fp32", 0.01),  # nor a row of another precision
+            _row("unet-step", "openvino", "bf16", 0.1), _row("unet-step", "torch-compile", "bf16", 0.15),
+            _row("unet-step", "openvino", "int8", 0.12),
+            _row("vq-decode", "torch-eager", "bf16", 0.4), _row("vq-decode", "openvino", "bf16", 0.5),
+            _row("vq-decode", "openvino", "bf16", 0.01, config="small")]  # nor another config
+    best = run.best_rows(rows, "tiny", 64, "bf16")
+    assert {n: (r.backend, r.precision) for n, r in best.items()} == {
+        "encoder": ("openvino", "bf16"), "unet": ("openvino", "bf16"), "decoder": ("torch-eager", "bf16")}
+    # int8: among the int8 and the bf16 rows; the int8 U-Net loses to OpenVINO's bf16 one here.
+    best = run.best_rows(rows, "tiny", 64, "int8")
+    assert {n: (r.backend, r.precision) for n, r in best.items()} == {
+        "encoder": ("openvino", "bf16"), "unet": ("openvino", "bf16"), "decoder": ("torch-eager", "bf16")}
+    rows.append(_row("unet-step", "openvino", "int8", 0.05))
+    assert (run.best_rows(rows, "tiny", 64, "int8")["unet"].precision, run.best_rows(rows, "tiny", 64, "bf16")[
+        "unet"].precision) == ("int8", "bf16")
+    assert "no checked bf16 vq-decode row" in run.best_rows(rows[:7], "tiny", 64, "bf16")
+
+
+def test_cpu_best_is_built_from_the_measured_rows_and_checked(engine_ctx):
+    _needs("openvino")
+    _needs("onnx")
+    table = run.backends(torch.device("cpu"))
+    s = run.Scenario("end-to-end", "cpu-best", "bf16", "tiny", 1, 0, "ddpm", 3)
+    engine_ctx.rows = []
+    assert "no checked bf16 vq-encode row" in run.run_scenario(s, engine_ctx, table)
+    engine_ctx.rows = [_row("vq-encode", "openvino", "bf16", 0.1), _row("vq-encode", "torch-eager", "bf16", 0.2),
+                       _row("unet-step", "torch-eager", "bf16", 0.1), _row("unet-step", "openvino", "bf16", 0.3),
+                       _row("vq-decode", "torch-eager", "bf16", 0.1)]
+    row = run.run_scenario(s, engine_ctx, table)
+    assert isinstance(row, run.Row), row
+    assert row.check["passed"] and row.check["metric"] == "psnr_db"
+    assert "encoder=openvino bf16 (0.1 s), unet=torch-eager bf16 (0.1 s), decoder=torch-eager bf16" in row.note
+    runner = engine_ctx.pipeline(("cpu-best", "bf16"), lambda: pytest.fail("not built"), exclusive=True).runner
+    assert runner.name == "encoder=openvino,unet=torch,decoder=torch"
+
+
+def test_headline_sets_our_best_beside_the_best_peer():
+    rows = [_row("unet-step", "openvino", "int8", 0.5), _row("unet-step", "torch-eager", "bf16", 1.0),
+            _row("unet-step", "onnxruntime", "fp32", 1.2, kind="peer"),
+            _row("unet-step", "openvino-default", "bf16", 0.8, kind="peer"), _row("vq-decode", "openvino", "bf16", 3.0)]
+    versus = run.headline(rows, {"fp32": 1e11, "bf16": 4e11, "int8": 8e11}, "tiny")["ours_vs_peer"]
+    unet = versus["unet-step"]
+    assert (unet["ours"], unet["peer"]) == ("openvino int8", "openvino-default bf16")
+    assert unet["peer_over_ours"] == pytest.approx(0.8 / 0.5)
+    assert unet["ours_of_peak"] == pytest.approx(1e9 / 0.5 / 8e11)  # int8: of the int8 GEMM rate
+    assert "peer" not in versus["vq-decode"] and "peer_over_ours" not in versus["vq-decode"]
+
+
+def test_configs_and_backends_filter_the_run(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(run, "matmul_peak", lambda *a, **k: 1e11)
+    monkeypatch.setattr(run, "int8_gemm_peak", lambda: {"ops_per_s": 2e11, "how": "fake", "candidates": {}})
+    monkeypatch.setattr(run, "run_scenario", lambda s, ctx, table: ran.append(s) or "not run (test)")
+    assert run.main(["--configs", "paper", "--backends", "onnxruntime,cpu-best", "--only", "unet-step,end-to-end",
+                     "--no-scaling", "--out", str(tmp_path)]) == 0
+    assert ran and {s.config for s in ran} == {"paper"}
+    assert {(s.stage, s.backend) for s in ran} == {("unet-step", "onnxruntime"), ("end-to-end", "onnxruntime"),
+                                                   ("end-to-end", "cpu-best")}
+    payload = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert payload["mode"] == "full-partial" and payload["matmul_peak_flops"]["int8"] == 2e11
+    with pytest.raises(SystemExit):
+        run.main(["--backends", "no-such-engine", "--out", str(tmp_path)])
