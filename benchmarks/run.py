@@ -26,7 +26,6 @@ alone, at paper size:
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -55,8 +54,7 @@ from bsldm_fast.config import ModelConfig, preset  # noqa: E402
 from bsldm_fast.modeldir import Model, random_model  # noqa: E402
 from bsldm_fast.pipeline import DEFAULT_SAMPLER, PRECISIONS, Pipeline  # noqa: E402
 from bsldm_fast.pipeline import DEFAULT_STEPS as PIPELINE_STEPS  # noqa: E402
-from bsldm_fast.engines.runners import (StageRunner, backend_unavailable, make_runner,  # noqa: E402
-                                        make_stage_runner)
+from bsldm_fast.engines.runners import StageRunner, backend_unavailable, make_runner  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGE_ORDER = ("vq-encode", "unet-step", "sampler-step", "vq-decode", "end-to-end")
@@ -298,8 +296,7 @@ def _cpu_only(why: Callable[[], str | None]) -> Callable[[torch.device], str | N
 
 
 def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
-    """The int8 IRs of the random weights in `path`, for every network `engines.int8` can quantise
-    (the U-Net; the VQ encoder and decoder where `int8.int8_ir` and `int8.NETWORKS` name them):
+    """The int8 IRs of the random weights in `path`, for every network `engines.int8` quantises:
     calibrated on one phantom (DDPM, seed 0), for timing only; the quality gate needs trained weights
     and held-out real pairs (benchmarks/int8_gate.py measures it on the bundled model)."""
     import logging
@@ -313,12 +310,8 @@ def _int8_ir(ctx: Context, model: Model, path: Path) -> None:
     except ImportError:
         pass
     logging.getLogger("nncf").setLevel(logging.WARNING)
-    calibration = dict(calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
-    if not hasattr(int8, "int8_ir"):  # before the int8 VQ networks: the U-Net only
-        int8.int8_unet_ir(path, model, **calibration)
-        return
-    for network in getattr(int8, "NETWORKS", ("unet",)):
-        int8.int8_ir(path, model, network, **calibration)
+    for network in int8.NETWORKS:
+        int8.int8_ir(path, model, network, calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
 
 
 INT8_NOTE = "int8 IRs calibrated on one phantom for these random weights, ungated: timing only"
@@ -331,11 +324,15 @@ def _openvino(ctx: Context, model: Model, precision: str) -> Pipeline:
     if precision != "int8":
         return Pipeline.create(model.config, model.vqgan, model.unet, ctx.device, precision, backend="openvino",
                                model_dir=path, graphs=None)
+    return Pipeline(model.config, _ungated_int8(ctx, model, path), ctx.device)
+
+
+def _ungated_int8(ctx: Context, model: Model, path: Path):
+    """The OpenVINO runner with every network's int8 IR, ungated (the gate needs trained weights)."""
     from bsldm_fast.engines.openvino import OpenVINORunner
 
     _int8_ir(ctx, model, path)
-    return Pipeline(model.config, OpenVINORunner(model.config, model.vqgan, model.unet, "int8", path, gated=False),
-                    ctx.device)
+    return OpenVINORunner(model.config, model.vqgan, model.unet, "int8", path, gated=False)
 
 
 def _peer(cls):
@@ -351,12 +348,8 @@ NETWORK_OF = {"vq-encode": "encoder", "unet-step": "unet", "vq-decode": "decoder
 
 
 def int8_networks(runner) -> set[str]:
-    """The networks a runner runs in int8: its `int8_networks` where it names them, else the U-Net
-    when its int8 U-Net runs (`int8_refusal` None), else none."""
-    named = getattr(runner, "int8_networks", None)
-    if named is not None:
-        return set(named)
-    return {"unet"} if hasattr(runner, "int8_refusal") and runner.int8_refusal is None else set()
+    """The networks a runner runs in int8 (`OpenVINORunner.int8_networks`; none for the others)."""
+    return set(getattr(runner, "int8_networks", ()))
 
 
 def best_rows(rows: list[Row], config: str, resolution: int, precision: str) -> dict[str, Row] | str:
@@ -377,79 +370,26 @@ def best_rows(rows: list[Row], config: str, resolution: int, precision: str) -> 
 
 
 def _cpu_best(ctx: Context, model: Model, precision: str) -> Pipeline:
-    """Each stage on the backend of its fastest checked row of ours in this run, built by
-    `make_stage_runner` as `backend="auto"` builds it from `bsldm-fast tune`'s table."""
+    """Each stage on the runner of its fastest checked row of ours in this run, in that row's
+    precision: what `backend="auto"` builds (`make_stage_runner`) from `bsldm-fast tune`'s table,
+    except that a picked int8 row's OpenVINO runner runs ungated, as the row did (random weights
+    have no gate verdict, so the product's runner would run them bf16)."""
     config = model.config
     best = best_rows(ctx.rows, ctx.config_name(), config.image_size, precision)
     if isinstance(best, str):
         raise Unavailable(best)
-    choice = {network: RUNNER_OF[r.backend] for network, r in best.items()}
     path = ctx.model_dir(model)
-    if precision == "int8" and "openvino" in choice.values():
-        _int8_ir(ctx, model, path)
     torch._dynamo.reset()
-    # The gated int8 runner's "not int8: no gate verdict" warning: `_ungated` below answers it.
-    quiet = _Quiet("bsldm_fast.engines.openvino") if precision == "int8" else contextlib.nullcontext()
-    with quiet:
-        try:
-            staged = make_stage_runner(config, model.vqgan, model.unet, choice, "cpu", precision, model_dir=path)
-        except ValueError:
-            if precision != "int8":
-                raise
-            # NOTE: until make_stage_runner takes 'int8' itself (openvino at int8, the others at bf16).
-            built = {b: make_runner(config, model.vqgan, model.unet, "cpu", "int8" if b == "openvino" else "bf16",
-                                    b, model_dir=path, freeze=("unet",) if b == "torch-compile" else ())
-                     for b in set(choice.values())}
-            staged = StageRunner({n: built[b] for n, b in choice.items()})
-    if precision == "int8":
-        staged = _as_picked(staged, best, model, path)
+    built: dict[tuple[str, str], object] = {}
+    for row in best.values():
+        key = (RUNNER_OF[row.backend], row.precision)
+        if key not in built:
+            built[key] = _ungated_int8(ctx, model, path) if key == ("openvino", "int8") else make_runner(
+                config, model.vqgan, model.unet, "cpu", row.precision, key[0], model_dir=path,
+                freeze=("unet",) if key[0] == "torch-compile" else ())
+    staged = StageRunner({n: built[(RUNNER_OF[r.backend], r.precision)] for n, r in best.items()})
     ctx.cached(("cpu-best-choice", precision), lambda: best)
     return Pipeline(config, staged, ctx.device)
-
-
-class _Quiet:
-    """A logger held at ERROR inside the block."""
-
-    def __init__(self, name: str):
-        import logging
-
-        self.logger, self.level = logging.getLogger(name), None
-
-    def __enter__(self):
-        self.level = self.logger.level
-        self.logger.setLevel(40)
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
-
-
-def _as_picked(staged: StageRunner, best: dict[str, Row], model: Model, path: Path) -> StageRunner:
-    """The int8 stage runner with each OpenVINO network in the precision of the row picked for it.
-    `make_stage_runner(..., "int8")` chooses a backend per network, not a precision: its OpenVINO
-    runner runs every network it has in int8 in int8 (and refuses the int8 U-Net of random weights,
-    which have no gate verdict). So a network whose picked row is int8 gets the ungated int8 runner,
-    as the openvino int8 row ran it, and one whose picked row is bf16 but that the int8 runner would
-    run in int8 gets the bf16 runner."""
-    from bsldm_fast.engines.openvino import OpenVINORunner
-
-    runners = dict(staged.runners)
-    built: dict[str, OpenVINORunner] = {}
-
-    def runner(precision: str) -> OpenVINORunner:
-        if precision not in built:
-            built[precision] = OpenVINORunner(model.config, model.vqgan, model.unet, precision, path,
-                                              gated=False)
-        return built[precision]
-    for network, row in best.items():
-        current = runners[network]
-        if not isinstance(current, OpenVINORunner) or current.precision != "int8":
-            continue
-        runs_int8 = network in int8_networks(current)
-        if row.precision == "int8" and not runs_int8:
-            runners[network] = runner("int8")
-        elif row.precision != "int8" and runs_int8:
-            runners[network] = runner(row.precision)
-    return StageRunner(runners) if built else staged
 
 
 def backends(device: torch.device) -> dict[str, Backend]:
@@ -474,7 +414,7 @@ def backends(device: torch.device) -> dict[str, Backend]:
         Backend("openvino-default", ("bf16",), _peer(OpenVINOPeer), _cpu_only(openvino_peer_unavailable),
                 "peer: OpenVINO on the exported fp32 graphs with its bf16 hint as is", kind="peer", exclusive=True),
         Backend("cpu-best", ("bf16", "int8"), _cpu_best, _cpu_only(lambda: None),
-                "each stage on the fastest checked row of ours in this run (make_stage_runner)", exclusive=True),
+                "each stage on the runner of the fastest checked row of ours in this run", exclusive=True),
     ]
     return {b.name: b for b in table}
 
@@ -646,7 +586,7 @@ def scenarios(plan: Plan, device: torch.device, default_backend: str = "torch-ea
 CPU_ENGINES = (("openvino", ("fp32", "bf16", "int8")), ("onnxruntime", ("fp32",)), ("openvino-default", ("bf16",)))
 """The CPU engines' rows, ours and peers (their order: each engine's rows run together, one engine
 in memory at a time). An int8 stage row is skipped, with why, where the runner runs that network in
-bf16 (`int8_networks`): today the U-Net only."""
+bf16 (`OpenVINORunner.int8_networks`)."""
 
 
 def cpu_engine_scenarios(cfg: str, heavy: bool) -> list[Scenario]:
