@@ -4,7 +4,9 @@
 
 Prints markdown: per machine (its newest full run, else its newest quick one; on a GPU the suite of
 gpu_suite.sh), end to end at paper size against the original-style loop measured in the same run,
-with the date and the machine. Only checked rows count: a result file with a row that carries no
+with the date and the machine; then, per machine, the CPU paths of its newest run that measured
+them beside the peers (run.py's `ours_vs_peer`): every path per stage, and our fastest beside the
+fastest peer. Only checked rows count: a result file with a row that carries no
 passing correctness check (checks.py; files from before issue 20) is refused, and the rows a run
 recorded as failed are named with their error, never shown as timings. `--replace FILE` rewrites the block between `<!-- perf:begin -->` and
 `<!-- perf:end -->` in FILE (atomically) instead of printing.
@@ -46,9 +48,10 @@ def unchecked(payload: dict) -> list[str]:
     return out
 
 
-def latest(results: Path, include_tagged: bool = False) -> list[dict]:
-    """The best result of each machine (run.py's, or gpu_suite.py's on a GPU): its newest full
-    run, else its newest shorter one (runs with a --tag, e.g. 'dev', only when asked)."""
+def latest(results: Path, include_tagged: bool = False, want=lambda payload: True) -> list[dict]:
+    """The best result of each machine (run.py's, or gpu_suite.py's on a GPU) among those `want`
+    accepts: its newest full run, else its newest shorter one (runs with a --tag, e.g. 'dev', only
+    when asked)."""
     best: dict[str, tuple[tuple, dict]] = {}
     for path in sorted(results.glob("*.json")):
         match = NAME.match(path.name)
@@ -64,6 +67,8 @@ def latest(results: Path, include_tagged: bool = False) -> list[dict]:
         if suite and payload["machine"].get("device") == "cpu":  # the GPU suite's dry run
             continue
         if _tag(payload, match["rest"]) and not include_tagged:
+            continue
+        if not want(payload):
             continue
         bad = unchecked(payload)
         if bad:
@@ -132,6 +137,58 @@ def machine_section(payload: dict, config: str = "paper") -> str:
     return "\n".join(lines) + "\n"
 
 
+def has_peers(payload: dict, config: str = "paper") -> bool:
+    """Whether a run measured the CPU paths beside the peers at `config` (run.py's `ours_vs_peer`)."""
+    return bool(payload.get("headline", {}).get(config, {}).get("ours_vs_peer"))
+
+
+STAGE_NAMES = {"vq-encode": "VQ encode", "unet-step": "U-Net step", "vq-decode": "VQ decode",
+               "end-to-end": "end to end"}
+
+
+def peers_section(payload: dict, config: str = "paper") -> str:
+    """One machine's CPU paths at `config`, batch 1: every checked path of ours and of the peers per
+    stage (seconds; failed ones with their error), then our fastest beside the fastest peer."""
+    info = payload["machine"]
+    rows = [r for r in payload["rows"] if r["config"] == config and r["batch"] == 1 and r["group"] == "stages"
+            and r.get("kind") in ("ours", "peer")]
+    failed = [f for f in payload.get("failed", []) if f["config"] == config and f["batch"] == 1]
+    columns: list[tuple[str, str, str]] = []
+    for r in rows + [{**f, "kind": "peer" if f["backend"] in PEERS else "ours"} for f in failed]:
+        column = (r["kind"], r["backend"], r["precision"])
+        if column not in columns:
+            columns.append(column)
+    columns.sort(key=lambda c: (c[0] == "peer", c[1] == "cpu-best"))
+    peaks = payload["matmul_peak_flops"]
+    rates = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
+    lines = [f"**CPU paths, ours beside the peers: {info['processor']}, {info['threads']} threads**, "
+             f"{info['date']} (`benchmarks/run.py`, {payload.get('mode', '?')} run, torch {info['torch']}), "
+             f"`{config}` model, random weights, batch 1, seconds per call (end to end: DDPM-10, per image); "
+             f"GEMM rates measured in the same run (G op/s): {rates}:", "",
+             "| stage | " + " | ".join(f"{b} {p}" + (" (peer)" if k == "peer" else "") for k, b, p in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for stage, name in STAGE_NAMES.items():
+        cells = []
+        for _, backend, precision in columns:
+            row = next((r for r in rows if (r["stage"], r["backend"], r["precision"]) == (stage, backend, precision)), None)
+            fail = next((f for f in failed if (f["stage"], f["backend"], f["precision"]) == (stage, backend, precision)), None)
+            cells.append(_fmt_s(row["per_image_s"]) if row else f"failed: {_failure(fail)}" if fail else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| stage | ours, fastest checked | s | share of its GEMM rate | best peer | s | peer ÷ ours |",
+              "|---|---|---|---|---|---|---|"]
+    for stage, pair in payload["headline"][config]["ours_vs_peer"].items():
+        if "ours" not in pair:
+            continue
+        peer = (f"{pair['peer']} | {_fmt_s(pair['peer_s'])} | {pair['peer_over_ours']:.2f}×"
+                if "peer" in pair else "— | — | —")
+        lines.append(f"| {STAGE_NAMES.get(stage, stage)} | {pair['ours']} | {_fmt_s(pair['ours_s'])} | "
+                     f"{pair['ours_of_peak']:.0%} | {peer} |")
+    return "\n".join(lines) + "\n"
+
+
+PEERS = ("onnxruntime", "openvino-default")
+
+
 def _failure(f: dict) -> str:
     check = f.get("check") or {}
     value = check.get("value")
@@ -143,13 +200,14 @@ def _failure(f: dict) -> str:
     return f.get("reason", "failed")
 
 
-def markdown(payloads: list[dict], config: str = "paper") -> str:
+def markdown(payloads: list[dict], config: str = "paper", peer_payloads: list[dict] | None = None) -> str:
     if not payloads:
         return "No benchmark results yet: run `python benchmarks/run.py`.\n"
     intro = ("Generated by `python benchmarks/summary.py` from the newest `benchmarks/results/` of each "
              "machine. Every ratio is against the original BS-LDM loop (`original-style`: fp32, DDPM-1000, "
              "scheduler rebuilt every step) measured in the same run.\n")
-    return intro + "\n" + "\n".join(machine_section(p, config) for p in payloads)
+    return intro + "\n" + "\n".join(machine_section(p, config) for p in payloads) + "".join(
+        "\n" + peers_section(p, config) for p in peer_payloads or [])
 
 
 def replace_block(path: Path, text: str) -> None:
@@ -176,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="paper")
     parser.add_argument("--replace", type=Path, help="rewrite the perf block of this file instead of printing")
     args = parser.parse_args(argv)
-    text = markdown(latest(args.results, args.include_tagged), args.config)
+    peers = latest(args.results, args.include_tagged, lambda payload: has_peers(payload, args.config))
+    text = markdown(latest(args.results, args.include_tagged), args.config, peers)
     if args.replace:
         replace_block(args.replace, text)
         print(f"updated {args.replace}")

@@ -450,6 +450,34 @@ def test_headline_sets_our_best_beside_the_best_peer():
     assert "peer" not in versus["vq-decode"] and "peer_over_ours" not in versus["vq-decode"]
 
 
+def test_summary_sets_the_cpu_paths_beside_the_peers(tmp_path, monkeypatch):
+    rows = [dataclasses.replace(r, check={"passed": True}) for r in (
+        _row("unet-step", "openvino", "int8", 0.5), _row("unet-step", "torch-eager", "bf16", 1.0),
+        _row("unet-step", "onnxruntime", "fp32", 1.2, kind="peer"), _row("vq-decode", "openvino", "bf16", 3.0))]
+    peaks = {"fp32": 1e11, "bf16": 4e11, "int8": 8e11}
+    failed = [{"stage": "unet-step", "backend": "openvino-default", "precision": "bf16", "config": "tiny",
+               "batch": 1, "group": "stages", "reason": "check failed",
+               "check": {"metric": "rel_max_error", "value": 0.07, "precision": "bf16", "bound": 0.03}}]
+    monkeypatch.setattr(run, "machine_slug", lambda info: "box")
+    path = sys.modules["timing"].write_results(
+        rows, peaks, "box", tmp_path, suffix="-partial",
+        extra={"mode": "full-partial", "tag": "", "headline": {"tiny": run.headline(rows, peaks, "tiny")},
+               "failed": failed})
+    payload = json.loads(path.read_text())
+    assert summary.has_peers(payload, "tiny") and not summary.has_peers(payload, "paper")
+    text = summary.peers_section(payload, "tiny")
+    header = next(line for line in text.splitlines() if line.startswith("| stage | openvino"))
+    assert header.index("openvino int8") < header.index("torch-eager bf16") < header.index("onnxruntime fp32 (peer)")
+    unet = next(line for line in text.splitlines() if line.startswith("| U-Net step | 0.5 s"))
+    assert "failed: rel_max_error 0.07, above the bf16 bound 0.03" in unet and "1.2 s" in unet
+    assert "| U-Net step | openvino int8 | 0.5 s | 0% | onnxruntime fp32 | 1.2 s | 2.40× |" in text
+    assert "| VQ decode | openvino bf16 | 3 s |" in text and "| VQ decode | openvino bf16 | 3 s | 0% | — | — | — |" in text
+    # The README block: the newest run with peers is found beside the machine's full run.
+    found = summary.latest(tmp_path, want=lambda p: summary.has_peers(p, "tiny"))
+    assert [p["mode"] for p in found] == ["full-partial"]
+    assert "CPU paths, ours beside the peers" in summary.markdown(found, "tiny", found)
+
+
 def test_configs_and_backends_filter_the_run(tmp_path, monkeypatch):
     ran = []
     monkeypatch.setattr(run, "matmul_peak", lambda *a, **k: 1e11)
