@@ -167,7 +167,7 @@ def calibration_units(model: Model, calibration_images: Sequence[str | Path] | N
         from ..io import find_images
 
         batches.append(load_calibration_images(calibration_images, model.config))
-        names += [str(job.source) for job in find_images([str(p) for p in calibration_images])]
+        names += [_shown(job.source) for job in find_images([str(p) for p in calibration_images])]
     size = model.config.image_size
     for seed in phantoms:
         batches.append(model_input(generate(seed, size).cxr, model.config).tensor)
@@ -175,6 +175,15 @@ def calibration_units(model: Model, calibration_images: Sequence[str | Path] | N
     if not batches:
         raise EngineError("no calibration images: pass radiographs or phantom seeds")
     return torch.cat(batches), names
+
+
+def _shown(path) -> str:
+    """A calibration image's name for the notes: relative to the source checkout when inside it, so
+    that a shipped note names no one's home directory."""
+    try:
+        return str(Path(path).resolve().relative_to(SAMPLE_RADIOGRAPHS.parents[2]))
+    except ValueError:
+        return str(path)
 
 
 def calibration_digest(images: torch.Tensor, runs=CALIBRATION_RUNS) -> str:
