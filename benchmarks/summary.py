@@ -174,15 +174,24 @@ def peers_section(payload: dict, config: str = "paper") -> str:
             fail = next((f for f in failed if (f["stage"], f["backend"], f["precision"]) == (stage, backend, precision)), None)
             cells.append(_fmt_s(row["per_image_s"]) if row else f"failed: {_failure(fail)}" if fail else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "| stage | ours, fastest checked | s | share of its GEMM rate | best peer | s | peer ÷ ours |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["", "| stage | ours, fastest checked | s | share of its GEMM rate | best peer | s | peer ÷ ours "
+                  "| ours in bf16 | peer ÷ ours in bf16 |", "|---|---|---|---|---|---|---|---|---|"]
     for stage, pair in payload["headline"][config]["ours_vs_peer"].items():
         if "ours" not in pair:
             continue
         peer = (f"{pair['peer']} | {_fmt_s(pair['peer_s'])} | {pair['peer_over_ours']:.2f}×"
                 if "peer" in pair else "— | — | —")
+        # Ours at the peers' reduced precision, without int8: the like-for-like comparison.
+        bf16 = [r for r in rows if r["stage"] == stage and r["kind"] == "ours" and r["precision"] == "bf16"]
+        fast = min(bf16, key=lambda r: r["per_image_s"]) if bf16 else None
+        like = (f"{fast['backend']} {_fmt_s(fast['per_image_s'])} | "
+                + (f"{pair['peer_s'] / fast['per_image_s']:.2f}×" if "peer" in pair else "—")) if fast else "— | —"
         lines.append(f"| {STAGE_NAMES.get(stage, stage)} | {pair['ours']} | {_fmt_s(pair['ours_s'])} | "
-                     f"{pair['ours_of_peak']:.0%} | {peer} |")
+                     f"{pair['ours_of_peak']:.0%} | {peer} | {like} |")
+    notes = sorted({f"`{r['backend']} {r['precision']}`: {r['note'].split('; ')[-1]}" for r in rows
+                    if "timing only" in r.get("note", "")})
+    if notes:
+        lines += [""] + [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"
 
 
