@@ -112,17 +112,24 @@ def check_finite(output, precision: str, why: str = "no same-noise float32 refer
     return Check(bad == 0, "finite", None, None, precision, bad, reason or f"finite only: {why}")
 
 
-def check_output(output, reference, precision: str, image: bool = False) -> Check:
-    """Compare a path's output with the eager float32 output of the same stage on the same input:
-    finite everywhere, and within the bound of `precision` (PSNR for end-to-end images)."""
-    out, ref = _tensor(output), _tensor(reference)
+def _malformed(out: torch.Tensor, ref: torch.Tensor, precision: str, metric: str) -> Check | None:
+    """The failed check of an output of the wrong shape or with non-finite values, else None."""
     if out.shape != ref.shape:
         return Check(False, "shape", None, None, precision, 0,
                      f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
     bad = int((~torch.isfinite(out)).sum())
     if bad:
-        return Check(False, "psnr_db" if image else "rel_max_error", math.nan, None, precision, bad,
-                     f"{bad} of {out.numel()} outputs not finite")
+        return Check(False, metric, math.nan, None, precision, bad, f"{bad} of {out.numel()} outputs not finite")
+    return None
+
+
+def check_output(output, reference, precision: str, image: bool = False) -> Check:
+    """Compare a path's output with the eager float32 output of the same stage on the same input:
+    finite everywhere, and within the bound of `precision` (PSNR for end-to-end images)."""
+    out, ref = _tensor(output), _tensor(reference)
+    broken = _malformed(out, ref, precision, "psnr_db" if image else "rel_max_error")
+    if broken is not None:
+        return broken
     if not bool(torch.isfinite(ref).all()):
         return Check(False, "reference", None, None, precision, 0, "the float32 reference is not finite")
     if image:
@@ -147,13 +154,9 @@ def check_codes(output, reference, precision: str) -> Check:
     if precision not in MAX_CODE_FLIPS:
         return check_output(output, reference, precision)
     out, ref = _tensor(output), _tensor(reference)
-    if out.shape != ref.shape:
-        return Check(False, "shape", None, None, precision, 0,
-                     f"output shape {tuple(out.shape)} != reference {tuple(ref.shape)}")
-    bad = int((~torch.isfinite(out)).sum())
-    if bad:
-        return Check(False, "changed_codes", math.nan, None, precision, bad,
-                     f"{bad} of {out.numel()} outputs not finite")
+    broken = _malformed(out, ref, precision, "changed_codes")
+    if broken is not None:
+        return broken
     value, bound = float((out != ref).any(dim=1).float().mean()), MAX_CODE_FLIPS[precision]
     passed = value <= bound
     reason = "" if passed else f"changed_codes {value:.3g} beyond the {precision} bound {bound:g}"
