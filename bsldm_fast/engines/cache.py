@@ -103,8 +103,7 @@ class EngineKey:
     onnx_opset: int
 
     def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return key_digest(self)
 
     def file_name(self) -> str:
         return f"{self.graph}-{self.precision}-{self.digest()}.plan"
@@ -113,6 +112,12 @@ class EngineKey:
         """Same graph, precision and GPU: `other` is this engine built for an older state."""
         return (self.graph, self.precision, self.gpu_name, self.compute_capability) == (
             other.graph, other.precision, other.gpu_name, other.compute_capability)
+
+
+def key_digest(key) -> str:
+    """16 hex digits of a cache key (a dataclass): part of its file's name, so a new state gets a new file."""
+    text = json.dumps(dataclasses.asdict(key), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def manifest_path(file: Path) -> Path:

@@ -25,11 +25,8 @@ run bf16, and the runner logs why for each (`int8_refusals`, `int8_networks`).
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import importlib.util
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -44,8 +41,8 @@ from .._files import atomic_write
 from ..config import ModelConfig
 from ..models import VQGAN, UNet
 from ..models.unet import timestep_embedding
-from .cache import (ENGINE_DIR, EngineError, cpu_identity, differences, manifest_path, model_hash,
-                    read_manifest, write_manifest)
+from .cache import (ENGINE_DIR, EngineError, cpu_identity, differences, key_digest, manifest_path,
+                    model_hash, read_manifest, write_manifest)
 from .graphs import GRAPH_NAMES, GraphSpec, graph_spec
 
 if TYPE_CHECKING:  # openvino is an optional dependency (the `openvino` extra), imported where used
@@ -106,8 +103,7 @@ class OpenVINOKey:
     recipe: int
 
     def digest(self) -> str:
-        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return key_digest(self)
 
     def file_name(self) -> str:
         return f"{self.graph}-{self.precision}-b{self.batch}-{self.digest()}.blob"
