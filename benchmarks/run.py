@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from checks import Check, check_codes, check_finite, check_output, tolerances  # noqa: E402
 from original_style import OriginalStyle  # noqa: E402
-from peers import (OnnxRuntimePeer, OpenVINOPeer, RunnerWith, onnx_graphs, onnxruntime_unavailable,  # noqa: E402
+from engine_peers import (OnnxRuntimePeer, OpenVINOPeer, RunnerWith, onnx_graphs, onnxruntime_unavailable,  # noqa: E402
                    openvino_peer_unavailable)
 from timing import (Row, Timing, int8_gemm_peak, machine, machine_slug, matmul_peak, measure,  # noqa: E402
                     unet_flops, vqgan_flops, write_results)

@@ -186,8 +186,8 @@ checks = sys.modules["checks"]
 def _wrong_backend(how: str, base: str = "torch-eager"):
     """The pipeline of backend `base` (eager torch by default, or a peer) broken `how`: a denoiser
     returning NaN, or 10 % off, or images mirrored left to right (what a layout bug does). One
-    delegating wrapper (`peers.RunnerWith`) around whatever runner `base` builds."""
-    RunnerWith = sys.modules["peers"].RunnerWith
+    delegating wrapper (`engine_peers.RunnerWith`) around whatever runner `base` builds."""
+    RunnerWith = sys.modules["engine_peers"].RunnerWith
 
     def denoise(own, u, t):
         eps = own(u, t)
