@@ -363,8 +363,12 @@ def test_a_stale_report_is_marked_or_removed_first(tmp_path, monkeypatch, marker
 # --- 9. Ctrl-C: a summary, the report's path, exit 130 --------------------------------------------
 
 _INTERRUPTIBLE = """
-    import sys, time
+    import signal, sys, time
     from pathlib import Path
+    # A foreground run, as a user's Ctrl-C meets it: a test runner started as a background job
+    # (`cmd &` in a script) ignores SIGINT, and a child inherits that, so Python would install no
+    # handler and the run would (rightly, for a background job) not stop.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from bsldm_fast.cli import main
     from bsldm_fast.suppressor import Suppressor
     real = Suppressor.suppress_unit
