@@ -13,7 +13,7 @@ with why.
 
 On the CPU the same run also times the CPU engines at batch 1, each stage checked before it is
 timed: ours (`openvino` fp32/bf16/int8: bsldm_fast's OpenVINO runner; eager torch and torch-compile
-bf16) and peers (`onnxruntime` fp32, `openvino-default` bf16: benchmarks/peers.py), every row
+bf16) and peers (`onnxruntime` fp32, `openvino-default` bf16: benchmarks/engine_peers.py), every row
 marked ours or peer (`kind`), with GFLOP/s and its share of the GEMM rate of its precision measured
 in the same run (int8 rows: of the int8 GEMM rate, in 2*M*N*K ops/s, and of the bf16 one). Then end
 to end on `cpu-best`: each stage on the fastest checked row of ours measured earlier in the run
@@ -318,7 +318,7 @@ INT8_NOTE = "int8 IRs calibrated on one phantom for these random weights, ungate
 
 
 def _openvino(ctx: Context, model: Model, precision: str) -> Pipeline:
-    """Ours: bsldm_fast's OpenVINO runner on a model directory. int8: the NNCF int8 U-Net built for
+    """Ours: bsldm_fast's OpenVINO runner on a model directory. int8: the NNCF int8 IRs built for
     these weights and run ungated (`gated=False`: the gate's verdict needs trained weights)."""
     path = ctx.model_dir(model)
     if precision != "int8":

@@ -195,6 +195,8 @@ def _ov_int8_gemm(int8_weights: bool) -> Callable[[int], Callable[[], object]]:
         import openvino as ov
         import openvino.opset13 as ops
 
+        from bsldm_fast.engines.openvino import runtime_precisions
+
         def fq(x, low: float, high: float):
             lo, hi = ops.constant(np.float32(low)), ops.constant(np.float32(high))
             return ops.fake_quantize(x, lo, hi, lo, hi, 256)
@@ -211,8 +213,7 @@ def _ov_int8_gemm(int8_weights: bool) -> Callable[[int], Callable[[], object]]:
         model = ov.Model([ops.matmul(fq(a, 0.0, 2.55), b, False, False)], params)
         compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                                           "INFERENCE_PRECISION_HINT": "bf16"})
-        precisions = {op.get_rt_info()["layerType"].astype(str): op.get_rt_info()["runtimePrecision"].astype(str)
-                      for op in compiled.get_runtime_model().get_ordered_ops()}
+        precisions = {layer: precision for layer, precision in runtime_precisions(compiled)}
         gemm = precisions.get("FullyConnected", precisions.get("MatMul"))
         if gemm not in ("u8", "i8"):
             raise RuntimeError(f"the plugin ran the GEMM in {gemm}, not int8")

@@ -42,11 +42,11 @@ import torch
 
 from .._files import atomic_write
 from ..modeldir import Model
-from .cache import ENGINE_DIR, EngineError, differences, model_hash, read_manifest, write_manifest
+from .cache import EngineError, differences, model_hash, read_manifest, write_manifest
+from .openvino import cache_dir
 
 logger = logging.getLogger(__name__)
 
-OPENVINO_DIR = "openvino"
 NETWORKS = ("unet", "decoder", "encoder")
 """The networks that may run int8, in the order the gate adds them (benchmarks/int8_gate.py): the
 U-Net first (it runs at every step), then the decoder (its error lands in the image once, unamplified),
@@ -120,16 +120,13 @@ def network_options(network: str, options: dict | None = None) -> dict:
     return {**DEFAULT_OPTIONS[_check_network(network)], **(options or {})}
 
 
-def openvino_dir(model_dir: str | Path) -> Path:
-    return Path(model_dir) / ENGINE_DIR / OPENVINO_DIR
-
 
 def int8_ir_path(model_dir: str | Path, network: str = "unet") -> Path:
-    return openvino_dir(model_dir) / f"{_check_network(network)}-int8.xml"
+    return cache_dir(model_dir) / f"{_check_network(network)}-int8.xml"
 
 
 def gate_path(model_dir: str | Path) -> Path:
-    return openvino_dir(model_dir) / GATE_FILE
+    return cache_dir(model_dir) / GATE_FILE
 
 
 @dataclass(frozen=True)
@@ -412,16 +409,14 @@ def _save_ir(ov, model, path: Path) -> None:
         shutil.move(str(tmp), path)
 
 
-def compile_unet(path: str | Path, precision: str = "bf16"):
-    """An OpenVINO IR or ONNX network (any of them, despite the name) compiled for the CPU;
+def compile_ir(path: str | Path, precision: str = "bf16"):
+    """An OpenVINO IR or ONNX network compiled for the CPU as is (no reshape, no cuts);
     `precision` is the inference-precision hint for the layers that are not int8 ('bf16' or 'f32')."""
     ov, _ = require_openvino()
     core = ov.Core()
     return core.compile_model(core.read_model(str(path)), "CPU",
                               {"INFERENCE_PRECISION_HINT": precision})
 
-
-compile_ir = compile_unet
 
 
 # The gate ------------------------------------------------------------------------------------

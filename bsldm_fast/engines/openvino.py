@@ -290,8 +290,6 @@ class OpenVINORunner:
             _properties(precision)  # validates it
         self.int8_networks: tuple[str, ...] = tuple(n for n, r in self.int8_refusals.items() if r is None)
         """The networks that run int8 (empty unless precision is 'int8')."""
-        self.int8_refusal: str | None = self.int8_refusals.get("unet")
-        """Why an 'int8' runner runs its U-Net in bf16 (None: the int8 U-Net runs, or not 'int8')."""
         self.name = "openvino"
         self.precision = precision
         """'fp32', 'bf16', or 'int8': the gated int8 networks (engines/int8.py), bf16 for the others."""
@@ -309,6 +307,11 @@ class OpenVINORunner:
         self._requests: dict[tuple[str, int], "openvino.InferRequest"] = {}
         self.built: dict[tuple[str, int], bool] = {}
         """(graph, batch) -> whether it was compiled (True) or imported from the cache (False)."""
+
+    @property
+    def int8_refusal(self) -> str | None:
+        """Why an 'int8' runner runs its U-Net in bf16 (None: the int8 U-Net runs, or not 'int8')."""
+        return self.int8_refusals.get("unet")
 
     def _source(self, graph: str):
         """The fp32 ONNX graph: the model directory's file (exported if missing), else in memory."""

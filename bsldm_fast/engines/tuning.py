@@ -27,9 +27,8 @@ import torch
 
 from .. import __version__
 from .._files import atomic_write
-from ..config import ModelConfig
 from ..modeldir import Model
-from .cache import cpu_identity
+from .cache import cpu_identity, model_hash
 from .onnx_export import relative_error
 
 logger = logging.getLogger(__name__)
@@ -185,22 +184,11 @@ def measure(model: Model, precision: str, batch: int = 1, backends: Sequence[str
 
 
 def _float_networks(runner) -> dict[str, str]:
-    """network -> why an 'int8' runner runs it in bf16 (its quality gate refused it, or it has no
-    int8 graph), for the networks it does; empty for any other runner."""
+    """network -> why an 'int8' runner runs it in bf16 (`OpenVINORunner.int8_refusals`: its quality
+    gate refused it, or it has no int8 IR), for the networks it does; empty for any other runner."""
     if runner.precision != "int8":
         return {}
-    int8_networks = getattr(runner, "int8_networks", None)
-    if int8_networks is None:  # a runner that only knows the U-Net's int8 refusal
-        int8_networks = () if getattr(runner, "int8_refusal", None) else ("unet",)
-    refusals = getattr(runner, "int8_refusals", {}) or {}
-    return {n: f"runs bf16: {refusals.get(n) or getattr(runner, 'int8_refusal', None) or 'no int8 graph'}"
-            for n in NETWORKS if n not in int8_networks}
-
-
-def _weights_key(model_dir: Path) -> str:
-    from .cache import model_hash
-
-    return model_hash(model_dir)
+    return {n: f"runs bf16: {why}" for n, why in runner.int8_refusals.items() if why is not None}
 
 
 def write_table(model_dir: str | Path, measurements: Sequence[Measurement]) -> Path:
@@ -209,7 +197,7 @@ def write_table(model_dir: str | Path, measurements: Sequence[Measurement]) -> P
     model_dir = Path(model_dir)
     path = model_dir / "engines" / TABLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    key = {**cpu_key(), "weights": _weights_key(model_dir)}
+    key = {**cpu_key(), "weights": model_hash(model_dir)}
     rows = []
     old = _read(path)
     if old is not None and old.get("key") == key:
@@ -238,7 +226,7 @@ def fastest(model_dir: str | Path | None, precision: str, batch: int = 1) -> dic
     table = _read(model_dir / "engines" / TABLE_FILE)
     if table is None:
         return None
-    if table.get("key") != {**cpu_key(), "weights": _weights_key(model_dir)}:
+    if table.get("key") != {**cpu_key(), "weights": model_hash(model_dir)}:
         logger.info("the CPU backend table of %s was measured elsewhere (or for other weights or "
                     "versions); rerun `bsldm-fast tune`", model_dir)
         return None

@@ -65,7 +65,7 @@ def test_int8_unet_matches_fp32_on_held_out_inputs(built):
     u, t = _held_out_feeds(model)
     with torch.inference_mode():
         expected = LatentDenoiser(model.unet, model.config).eval()(torch.from_numpy(u), torch.from_numpy(t)).numpy()
-    actual = int8.compile_unet(path, "bf16")({"U": u, "t": t})[0]
+    actual = int8.compile_ir(path, "bf16")({"U": u, "t": t})[0]
     assert actual.shape == expected.shape == (len(t), 4, 8, 8)
     rms = float(np.sqrt(((actual - expected) ** 2).mean() / (expected ** 2).mean()))
     print(f"int8 vs fp32 on {len(t)} held-out inputs: relative RMS {rms:.4f}, "
