@@ -1,8 +1,10 @@
 """OpenVINO on the CPU: the exported ONNX graphs compiled per batch size, cached in the model directory.
 
 A thin layer over OpenVINO's documented Python API: Core.read_model (the float32 ONNX graph of
-`onnx_export`) -> Model.reshape (a static batch) -> the precision split below -> Core.compile_model
-on "CPU" with INFERENCE_PRECISION_HINT 'f32' or 'bf16' -> CompiledModel.export_model, cached as
+`onnx_export`) -> Model.reshape (a static batch) -> the precision split below -> GroupNorms as
+per-channel statistics (`openvino_group_norm`: the exporter's chain costs a layout reorder on each
+side) -> Core.compile_model on "CPU" with INFERENCE_PRECISION_HINT 'f32' or 'bf16' ->
+CompiledModel.export_model, cached as
 `engines/openvino/<graph>-<precision>-b<batch>-<digest>.blob` with a JSON manifest of its
 `OpenVINOKey` (weights, OpenVINO version, CPU and its flags, precision, graph, batch, recipe).
 
@@ -44,6 +46,7 @@ from ..models.unet import timestep_embedding
 from .cache import (ENGINE_DIR, EngineError, cpu_identity, differences, key_digest, manifest_path,
                     model_hash, read_manifest, write_manifest)
 from .graphs import GRAPH_NAMES, GraphSpec, graph_spec
+from .openvino_group_norm import rewrite_group_norms
 
 if TYPE_CHECKING:  # openvino is an optional dependency (the `openvino` extra), imported where used
     import openvino
@@ -54,9 +57,10 @@ INSTALL_HINT = "OpenVINO is not installed: pip install 'bsldm-fast[openvino]'"
 OPENVINO_DIR = "openvino"
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16"}
 """Our precision names -> OpenVINO's INFERENCE_PRECISION_HINT."""
-RECIPE = 1
-"""Version of what this module does to a graph before compiling (the cuts, the properties); part of
-the cache key, so a change here rebuilds every cached blob."""
+RECIPE = 2
+"""Version of what this module does to a graph before compiling (the cuts, the GroupNorm rewrite,
+the properties); part of the cache key, so a change here rebuilds every cached blob. 2: GroupNorms
+as per-channel statistics (`openvino_group_norm`)."""
 COMPILE_PROPERTIES = {"PERFORMANCE_HINT": "LATENCY"}
 """One stream using every core: the pipeline runs one request at a time."""
 EMBEDDING_INPUT = "emb"
@@ -221,11 +225,13 @@ def split_model(model: "openvino.Model", graph: str) -> "openvino.Model":
     raise ValueError(f"unknown graph {graph!r}; choose one of {GRAPH_NAMES}")
 
 
-def compile_graph(source, graph: str, spec: GraphSpec, batch: int,
-                  precision: str, split: bool = True) -> "openvino.CompiledModel":
+def compile_graph(source, graph: str, spec: GraphSpec, batch: int, precision: str,
+                  split: bool = True, group_norms: bool = True) -> "openvino.CompiledModel":
     """Compile an ONNX graph or OpenVINO IR (a file path) or an in-memory onnx.ModelProto for the CPU
     at one batch size: read, reshape to static shapes, split (`split_model`; `split=False` for a
-    graph already cut, the int8 encoder IR), compile in `precision`."""
+    graph already cut, the int8 encoder IR), rewrite its GroupNorms
+    (`openvino_group_norm.rewrite_group_norms`; `group_norms=False` for an int8 IR, kept as the gate
+    measured it), compile in `precision`."""
     ov = openvino_module()
     core = ov.Core()
     if isinstance(source, (str, Path)):
@@ -233,8 +239,12 @@ def compile_graph(source, graph: str, spec: GraphSpec, batch: int,
     else:
         model = core.read_model(source.SerializeToString(), ov.Tensor(np.empty(0, dtype=np.uint8)))
     model.reshape({name: ov.PartialShape(list(shape)) for name, shape in spec.shapes(batch).items()})
-    logger.info("compiling the OpenVINO %s (%s, batch %d)", graph, precision, batch)
-    return core.compile_model(split_model(model, graph) if split else model, "CPU", _properties(precision))
+    if split:
+        model = split_model(model, graph)
+    rewritten = rewrite_group_norms(model) if group_norms else 0
+    logger.info("compiling the OpenVINO %s (%s, batch %d%s)", graph, precision, batch,
+                f", {rewritten} GroupNorms as per-channel statistics" if rewritten else "")
+    return core.compile_model(model, "CPU", _properties(precision))
 
 
 def runtime_precisions(compiled: "openvino.CompiledModel") -> dict[tuple[str, str], int]:
@@ -344,7 +354,7 @@ class OpenVINORunner:
                 # gate) is the IR's manifest, not the weights alone. The encoder IR is already cut
                 # at the float32 latent; the U-Net IR still takes the cut of its embedding.
                 compiled = compile_graph(int8_ir_path(self.int8_dir, graph), graph, spec, batch, "bf16",
-                                         split=graph != "encoder")
+                                         split=graph != "encoder", group_norms=False)
                 built = True
             elif self.model_dir is None:
                 compiled, built = build(), True
