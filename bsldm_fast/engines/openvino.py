@@ -21,8 +21,9 @@ and those parts run in float32 PyTorch beside the compiled model, the way the Py
 
 Precision 'int8' (engines/int8.py): each network (U-Net, VQ decoder, VQ encoder) whose NNCF int8 IR
 passed the model's quality gate runs from that IR, its float layers under the bf16 hint and with the
-same cuts (the int8 encoder IR is quantised already cut, so the search never sees int8); the others
-run bf16, and the runner logs why for each (`int8_refusals`, `int8_networks`).
+same cuts (the int8 encoder IR is quantised already cut, so the search never sees int8) but with its
+GroupNorms as NNCF left them, the graph the gate measured; the others run bf16, and the runner logs
+why for each (`int8_refusals`, `int8_networks`).
 """
 
 from __future__ import annotations
