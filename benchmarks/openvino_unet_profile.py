@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import sys
 import tempfile
@@ -41,8 +40,7 @@ from bsldm_fast.config import preset  # noqa: E402
 from bsldm_fast.engines import int8  # noqa: E402
 from bsldm_fast.engines.graphs import graph_spec  # noqa: E402
 from bsldm_fast.engines.onnx_export import export_model_dir, torch_reference  # noqa: E402
-from bsldm_fast.engines.openvino import EMBEDDING_INPUT, split_model  # noqa: E402
-from bsldm_fast.engines.openvino_group_norm import rewrite_group_norms  # noqa: E402
+from bsldm_fast.engines.openvino import EMBEDDING_INPUT, compile_graph  # noqa: E402
 from bsldm_fast.engines.tuning import network_inputs  # noqa: E402
 from bsldm_fast.models.unet import timestep_embedding  # noqa: E402
 from checks import check_output  # noqa: E402
@@ -50,20 +48,6 @@ from timing import lscpu, machine, machine_slug, write_new  # noqa: E402
 
 PATHS = (("bf16 exporter chain", "bf16", False), ("bf16", "bf16", True), ("int8", "int8", False))
 """(name, precision, GroupNorms rewritten)."""
-
-
-def _compiled(source: Path, config, rewrite: bool, split: bool):
-    import openvino as ov
-
-    core = ov.Core()
-    model = core.read_model(str(source))
-    model.reshape({n: ov.PartialShape(list(s)) for n, s in graph_spec("unet", config).shapes(1).items()})
-    if split:
-        model = split_model(model, "unet")
-    if rewrite:
-        rewrite_group_norms(model)
-    return core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "PERFORMANCE_HINT": "LATENCY",
-                                             "PERF_COUNT": True}).create_infer_request()
 
 
 def main() -> None:
@@ -81,7 +65,6 @@ def main() -> None:
         path = Path(scratch.name) / "model"
         model = modeldir.random_model(preset(args.config))
         modeldir.save(path, model.config, model.vqgan, model.unet)
-        model = modeldir.load(path)
         int8.int8_ir(path, model, "unet", calibration_images=[], phantoms=(0,), runs=(("ddpm", None, 0),))
         weights = f"{args.config}, random weights; int8 IR calibrated on one phantom, ungated (timing only)"
     else:
@@ -102,7 +85,10 @@ def main() -> None:
     requests, checks, feeds = {}, {}, {}
     for name, precision, rewrite in PATHS:
         source = int8.int8_ir_path(path, "unet") if precision == "int8" else onnx_file
-        request = requests[name] = _compiled(source, config, rewrite, split=True)
+        # As the runner compiles it (`compile_graph`), with the per-layer counters on.
+        request = requests[name] = compile_graph(source, "unet", graph_spec("unet", config), 1, "bf16",
+                                                 group_norms=rewrite,
+                                                 properties={"PERF_COUNT": True}).create_infer_request()
         # t stays an input only where the graph's conditioning scaling reads it (split_model).
         names = {n for port in request.model_inputs for n in port.get_names()}
         feeds[name] = {k: v for k, v in every_input.items() if k in names}

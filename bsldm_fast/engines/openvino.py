@@ -227,12 +227,13 @@ def split_model(model: "openvino.Model", graph: str) -> "openvino.Model":
 
 
 def compile_graph(source, graph: str, spec: GraphSpec, batch: int, precision: str,
-                  split: bool = True, group_norms: bool = True) -> "openvino.CompiledModel":
+                  split: bool = True, group_norms: bool = True,
+                  properties: dict | None = None) -> "openvino.CompiledModel":
     """Compile an ONNX graph or OpenVINO IR (a file path) or an in-memory onnx.ModelProto for the CPU
     at one batch size: read, reshape to static shapes, split (`split_model`; `split=False` for a
     graph already cut, the int8 encoder IR), rewrite its GroupNorms
     (`openvino_group_norm.rewrite_group_norms`; `group_norms=False` for an int8 IR, kept as the gate
-    measured it), compile in `precision`."""
+    measured it), compile in `precision` (`properties`: more compile properties, e.g. PERF_COUNT)."""
     ov = openvino_module()
     core = ov.Core()
     if isinstance(source, (str, Path)):
@@ -245,7 +246,7 @@ def compile_graph(source, graph: str, spec: GraphSpec, batch: int, precision: st
     rewritten = rewrite_group_norms(model) if group_norms else 0
     logger.info("compiling the OpenVINO %s (%s, batch %d%s)", graph, precision, batch,
                 f", {rewritten} GroupNorms as per-channel statistics" if rewritten else "")
-    return core.compile_model(model, "CPU", _properties(precision))
+    return core.compile_model(model, "CPU", {**_properties(precision), **(properties or {})})
 
 
 def runtime_precisions(compiled: "openvino.CompiledModel") -> dict[tuple[str, str], int]:

@@ -148,10 +148,12 @@ def _statistics(x, groups: int, eps: float, a_g, b_g, gamma, beta, name: str):
 def rewrite_group_norms(model: "openvino.Model") -> int:
     """Rewrite every exporter GroupNorm chain of `model` (static shapes) in place; the count.
 
-    Constant folding runs first, so that a reshape whose target shape the exporter computes from
-    ShapeOf (static once the model is reshaped) reads as a constant."""
+    Constant folding runs first (on a model with an MVN at all), so that a reshape whose target
+    shape the exporter computes from ShapeOf (static once the model is reshaped) reads as a constant."""
     from openvino.passes import ConstantFolding, Manager
 
+    if not any(op.get_type_name() == "MVN" for op in model.get_ordered_ops()):
+        return 0
     manager = Manager()
     manager.register_pass(ConstantFolding())
     manager.run_passes(model)

@@ -18,7 +18,6 @@ the tiny, small and bundled demo models (OpenVINO 2026.4.1, an AVX-512 BF16 CPU)
 """
 
 import copy
-import importlib.util
 import logging
 import zlib
 
@@ -32,15 +31,8 @@ from bsldm_fast.engines.openvino import runtime_precisions
 from bsldm_fast.engines.runners import choose_backend, make_runner
 from bsldm_fast.models.latent import LatentEncoder
 from bsldm_fast.pipeline import Pipeline
+from openvino_marks import native_bf16, needs_openvino
 
-needs_openvino = pytest.mark.skipif(
-    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("onnx") is None,
-    reason="OpenVINO or onnx is not installed: pip install 'bsldm-fast[openvino]'")
-
-def _has_bf16() -> bool:
-    import openvino
-
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
 
 
 BF16_BOUND = {"unet": 2e-2, "decoder": 2e-2, "encoder": 2e-2}
@@ -86,7 +78,7 @@ def test_bf16_graphs_match_pytorch(runners, tiny_model, graph, gen):
     feeds = _feeds(tiny_model, graph, 3, gen)
     out = _call(runners["bf16"], graph, feeds)
     assert out.dtype == torch.float32
-    if _has_bf16():
+    if native_bf16():
         compiled = runners["bf16"].request(graph, 3).get_compiled_model()
         assert runtime_precisions(compiled).get(("Convolution", "bf16"), 0) > 0
     assert relative_error(out.numpy(), torch_reference(graph, tiny_model, feeds).numpy()) <= BF16_BOUND[graph]

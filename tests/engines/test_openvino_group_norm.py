@@ -10,17 +10,14 @@ PyTorch float32 on fresh random inputs and weights. Errors are max |err| / max |
   bf16 measured 2.7x and 20-1000x the chain's error: the reason for the rewrite's two passes.
 """
 
-import importlib.util
 import io
 import warnings
 
 import numpy as np
 import pytest
 import torch
+from openvino_marks import native_bf16, needs_openvino
 
-needs_openvino = pytest.mark.skipif(
-    importlib.util.find_spec("openvino") is None or importlib.util.find_spec("onnx") is None,
-    reason="OpenVINO or onnx is not installed: pip install 'bsldm-fast[openvino]'")
 pytestmark = needs_openvino
 
 
@@ -63,12 +60,6 @@ def _error(out: np.ndarray, ref: torch.Tensor) -> float:
     return float(np.abs(out - ref.numpy()).max() / ref.abs().max())
 
 
-def _has_bf16() -> bool:
-    import openvino
-
-    return "BF16" in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-
-
 CASES = [  # (shape, groups, mean of every channel, in standard deviations)
     ((1, 32, 16, 16), 8, 0.0),
     ((2, 64, 12, 20), 32, 3.0),
@@ -107,7 +98,7 @@ def test_rewrite_matches_group_norm_in_f32(shape, groups, offset, gen):
 def test_rewrite_in_bf16_is_as_accurate_as_the_exporters_chain(shape, groups, offset, gen):
     from bsldm_fast.engines.openvino_group_norm import rewrite_group_norms
 
-    if not _has_bf16():
+    if not native_bf16():
         pytest.skip("this CPU has no native bf16, where OpenVINO's bf16 hint falls back to f32")
     module, x, ref = _case(shape, groups, offset, gen)
     chain = _error(_run(_openvino_model(module, x), x, "bf16"), ref)
